@@ -1,0 +1,185 @@
+"""The broker's I/O layer: two ZeroMQ sockets and one loop around :class:`BrokerCore`.
+
+Each loop turn blocks in ``zmq_poll`` until something is readable, then *drains* what is
+already queued without blocking (up to a batch), lets the core decide, and sends the turn's
+replies and publications. Per-batch work is paid once per batch, not once per message.
+Frames move with plain ``recv()``/``send()``: ``recv_multipart``/``send_multipart`` cost
+several microseconds more per message.
+
+Neither socket can block the loop: a ROUTER (without ROUTER_MANDATORY) drops a reply to a
+peer that is gone or over its high-water mark, and an XPUB drops for a subscriber that is
+over its high-water mark.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import time
+
+import zmq
+
+from .config import BrokerConfig
+from .core import BrokerCore, Subscription
+
+log = logging.getLogger("zchat.broker")
+
+#: Messages read from one socket before the turn's output is flushed.
+BATCH = 1024
+#: Largest subscription message accepted on the XPUB (topics are under 100 bytes).
+MAX_SUBSCRIPTION_FRAME = 1024
+#: How long close() may spend delivering queued frames, in milliseconds.
+LINGER_MS = 500
+
+
+class Broker:
+    """A running broker: binds on construction, serves until :meth:`stop`.
+
+    ``router_endpoint``/``pub_endpoint`` are the endpoints actually bound (with the port the
+    OS chose when the configured endpoint ends in ``:*``).
+    """
+
+    def __init__(self, config: BrokerConfig, context: zmq.Context[zmq.Socket[bytes]] | None = None) -> None:
+        self.config = config
+        self.core = BrokerCore(limits=config.limits, motd=config.motd, session_timeout=config.session_timeout)
+        self._own_context = context is None
+        self._ctx = context or zmq.Context()
+        self._stopping = False
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.router = self._socket(zmq.ROUTER, config.limits.max_frame, config.router)
+        self.xpub = self._socket(zmq.XPUB, MAX_SUBSCRIPTION_FRAME, config.pub)
+        # Manual mode: a subscription takes effect only when we grant it (handle_subscription).
+        self.xpub.setsockopt(zmq.XPUB_MANUAL, 1)
+        try:
+            self.router.bind(config.router)
+            self.xpub.bind(config.pub)
+        except zmq.ZMQError:
+            self.close()
+            raise
+        self.router_endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.pub_endpoint = self.xpub.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def _socket(self, kind: int, max_msg_size: int, endpoint: str) -> zmq.Socket[bytes]:
+        sock = self._ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, LINGER_MS)
+        if endpoint.startswith("tcp://["):
+            sock.setsockopt(zmq.IPV6, 1)
+        # A peer that sends a larger frame is disconnected by libzmq before we read it.
+        sock.setsockopt(zmq.MAXMSGSIZE, max_msg_size)
+        # ZMTP heartbeats reap dead TCP connections (and their queues) on their own.
+        heartbeat_ms = max(1, int(self.config.session_timeout * 1000 / 3))
+        sock.setsockopt(zmq.HEARTBEAT_IVL, heartbeat_ms)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, heartbeat_ms * 3)
+        return sock
+
+    @property
+    def stopping(self) -> bool:
+        """True once :meth:`stop` has been called."""
+        return self._stopping
+
+    def stop(self) -> None:
+        """Ask the loop to finish its turn and return; safe from any thread or signal handler."""
+        self._stopping = True
+        with contextlib.suppress(OSError):  # BlockingIOError: already woken; OSError: closed
+            self._wake_w.send(b"\0")
+
+    def serve_forever(self) -> None:
+        """Run the loop until :meth:`stop` is called, then close the sockets."""
+        log.info("zchat broker serving: router=%s pub=%s", self.router_endpoint, self.pub_endpoint)
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        poller.register(self.xpub, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        core = self.core
+        sweep_every = min(1.0, self.config.session_timeout / 4)
+        next_sweep = time.monotonic() + sweep_every
+        try:
+            while not self._stopping:
+                timeout_ms = max(0, int((next_sweep - time.monotonic()) * 1000) + 1)
+                ready = poller.poll(timeout_ms)
+                mono = time.monotonic()
+                core.set_time(time.time(), mono)
+                for sock, _ in ready:
+                    if sock is self.router:
+                        self._drain_router()
+                    elif sock is self.xpub:
+                        self._drain_xpub()
+                    else:
+                        self._drain_wakeup()
+                if mono >= next_sweep:
+                    core.expire_sessions()
+                    next_sweep = mono + sweep_every
+                self._flush()
+        finally:
+            self.close()
+        log.info("zchat broker stopped")
+
+    def _drain_router(self) -> None:
+        recv, core = self.router.recv, self.core
+        for _ in range(BATCH):
+            try:
+                peer = recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            frame = recv()  # a ROUTER message is atomic: the body frame is already here
+            if self.router.getsockopt(zmq.RCVMORE):
+                core.handle_bad_frames(peer, 2 + self._discard_rest(self.router))
+            else:
+                core.handle_request(peer, frame)
+
+    def _drain_xpub(self) -> None:
+        xpub, core = self.xpub, self.core
+        for _ in range(BATCH):
+            try:
+                message = xpub.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if xpub.getsockopt(zmq.RCVMORE):
+                self._discard_rest(xpub)  # a multipart message from an XSUB: not ours to read
+                continue
+            # In manual mode SUBSCRIBE/UNSUBSCRIBE apply to the pipe the last message came from,
+            # so the decision must be applied before the next recv.
+            decision = core.handle_subscription(message)
+            if decision is Subscription.GRANT:
+                xpub.setsockopt(zmq.SUBSCRIBE, message[1:])
+            elif decision is Subscription.UNSUBSCRIBE:
+                xpub.setsockopt(zmq.UNSUBSCRIBE, message[1:])
+
+    @staticmethod
+    def _discard_rest(sock: zmq.Socket[bytes]) -> int:
+        count = 0
+        while sock.getsockopt(zmq.RCVMORE):
+            sock.recv()
+            count += 1
+        return count
+
+    def _drain_wakeup(self) -> None:
+        try:
+            while self._wake_r.recv(64):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _flush(self) -> None:
+        replies, publishes = self.core.take_output()
+        send = self.router.send
+        for peer, frame in replies:
+            send(peer, zmq.SNDMORE)
+            send(frame)
+        send = self.xpub.send
+        for topic, frame in publishes:
+            send(topic, zmq.SNDMORE)
+            send(frame)
+
+    def close(self) -> None:
+        """Close the sockets (delivering queued frames for up to LINGER_MS) and the context."""
+        for sock in (self.router, self.xpub):
+            if not sock.closed:
+                sock.close()
+        self._wake_r.close()
+        self._wake_w.close()
+        if self._own_context and not self._ctx.closed:
+            self._ctx.term()

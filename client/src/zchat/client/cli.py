@@ -1,0 +1,339 @@
+"""``zchat-client``: chat on a terminal, or pipe lines in and events out.
+
+On a terminal (stdin and stdout both ttys, no ``--plain``/``--json``) it is an interactive
+chat: events print above the input line without disturbing what is being typed. Otherwise
+it runs in line mode for scripts: every input line is sent to the current room (a line that
+starts with ``/`` is a command), every event is printed on one line (``--json``: one JSON
+object per line), and end of input ends the client once its messages are acknowledged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import sys
+import threading
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from zchat.common import config as c
+from zchat.common.codes import ErrorCode
+from zchat.common.errors import ClientError, ConfigError, RequestError, RequestTimeout
+from zchat.common.protocol import Event, Welcome
+
+from . import __version__
+from .aio import AsyncClient
+from .render import dumps, event_to_json, format_event, format_members, format_rooms
+
+OPTIONS = (
+    c.Option("router", "--router", c.ENV_ROUTER, c.DEFAULT_ROUTER, c.parse_endpoint,
+             "the broker's ROUTER endpoint", "ENDPOINT"),
+    c.Option("pub", "--pub", c.ENV_PUB, c.DEFAULT_PUB, c.parse_endpoint,
+             "the broker's XPUB endpoint", "ENDPOINT"),
+    c.Option("nick", "--nick", c.ENV_NICK, None, c.parse_text,
+             "your nick (asked for on a terminal when unset)", "NICK"),
+    c.Option("room", "--room", c.ENV_ROOM, "general", c.parse_text,
+             "the room to join at start", "ROOM"),
+    c.Option("timeout", "--timeout", "ZCHAT_TIMEOUT", 5.0, c.parse_positive_float,
+             "seconds to wait for each reply from the broker", "SECONDS"),
+)
+
+HELP = """commands:
+  /join ROOM         join ROOM and make it the current room
+  /leave [ROOM]      leave ROOM (default: the current room)
+  /msg NICK TEXT     send TEXT privately to NICK
+  /me TEXT           an action in the current room
+  /who [ROOM]        who is in ROOM (default: the current room)
+  /rooms             every room, with member counts
+  /nick NEW          change your nick
+  /quit, exit        leave zchat
+  //TEXT             send TEXT starting with a slash
+anything else is sent to the current room"""
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """One input line: a command name (``say`` for plain text) and its argument text."""
+
+    name: str
+    arg: str
+
+
+def parse_line(line: str) -> Command | None:
+    """Parse an input line; None for a blank line."""
+    line = line.rstrip("\r\n")
+    if not line.strip():
+        return None
+    if line.strip() == "exit":
+        return Command("quit", "")
+    if line.startswith("//"):
+        return Command("say", line[1:])
+    if line.startswith("/"):
+        name, _, arg = line[1:].partition(" ")
+        return Command(name.lower(), arg.strip())
+    return Command("say", line)
+
+
+class Output:
+    """Where the client writes: plain lines or JSON lines."""
+
+    def __init__(self, *, json_mode: bool, interactive: bool) -> None:
+        self.json_mode = json_mode
+        self.interactive = interactive
+        self.me: str | None = None
+
+    def event(self, event: Event) -> None:
+        if self.json_mode:
+            print(dumps(event_to_json(event)), flush=True)
+        else:
+            print(format_event(event, self.me, one_line=not self.interactive), flush=True)
+
+    def info(self, text: str, obj: dict[str, Any]) -> None:
+        """A reply worth showing: plain text to the user, or ``obj`` as JSON."""
+        if self.json_mode:
+            print(dumps(obj), flush=True)
+        elif self.interactive:
+            print(text, flush=True)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def error(self, code: str, reason: str) -> None:
+        if self.json_mode:
+            print(dumps({"kind": "error", "code": code, "reason": reason}), flush=True)
+        else:
+            print(f"!! {reason} ({code})", file=sys.stdout if self.interactive else sys.stderr, flush=True)
+
+
+class Chat:
+    """Runs commands against a connected client, keeping track of the current room."""
+
+    def __init__(self, client: AsyncClient, out: Output, room: str | None) -> None:
+        self.client = client
+        self.out = out
+        self.room = room
+        self._commands: dict[str, Callable[[str], Awaitable[None]]] = {
+            "say": self._say,
+            "join": self._join,
+            "leave": self._leave,
+            "part": self._leave,
+            "msg": self._msg,
+            "me": self._me,
+            "who": self._who,
+            "names": self._who,
+            "rooms": self._rooms,
+            "nick": self._nick,
+            "help": self._help,
+        }
+
+    async def run(self, line: str) -> bool:
+        """Run one input line; False when it asks to quit."""
+        command = parse_line(line)
+        if command is None:
+            return True
+        if command.name == "quit":
+            return False
+        handler = self._commands.get(command.name)
+        if handler is None:
+            self.out.error("unknown_command", f"unknown command /{command.name}; try /help")
+            return True
+        try:
+            await handler(command.arg)
+        except RequestError as exc:
+            self.out.error(exc.code.value, exc.reason)
+        except RequestTimeout as exc:
+            self.out.error("timeout", str(exc))
+        return True
+
+    def _usage(self, text: str) -> None:
+        self.out.error("usage", f"usage: {text}")
+
+    def _current_room(self) -> str | None:
+        if self.room is None:
+            self.out.error(ErrorCode.NOT_MEMBER.value, "you are in no room: /join one first")
+        return self.room
+
+    async def _say(self, text: str) -> None:
+        if (room := self._current_room()) is not None:
+            await self.client.say(room, text)
+
+    async def _me(self, text: str) -> None:
+        if not text:
+            return self._usage("/me TEXT")
+        if (room := self._current_room()) is not None:
+            await self.client.say(room, text, action=True)
+
+    async def _join(self, arg: str) -> None:
+        if not arg:
+            return self._usage("/join ROOM")
+        joined = await self.client.join(arg)
+        self.room = joined.room
+        self.out.info(
+            f"-- joined #{joined.room} ({len(joined.members)} here: {', '.join(joined.members)})",
+            {"kind": "joined", "room": joined.room, "members": list(joined.members)},
+        )
+
+    async def _leave(self, arg: str) -> None:
+        room = arg or self._current_room()
+        if room is None:
+            return
+        await self.client.leave(room)
+        self.out.info(f"-- left #{room.lstrip('#')}", {"kind": "left", "room": room.lstrip("#")})
+        if self.room is not None and self.room not in self.client.joined:
+            self.room = self.client.joined[-1] if self.client.joined else None
+
+    async def _msg(self, arg: str) -> None:
+        nick, _, text = arg.partition(" ")
+        if not nick or not text.strip():
+            return self._usage("/msg NICK TEXT")
+        await self.client.dm(nick, text)
+
+    async def _who(self, arg: str) -> None:
+        room = arg or self._current_room()
+        if room is None:
+            return
+        members = await self.client.who(room)
+        name = room.lstrip("#")
+        self.out.info(format_members(name, members), {"kind": "members", "room": name, "members": members})
+
+    async def _rooms(self, arg: str) -> None:
+        rooms = await self.client.rooms()
+        obj = {"kind": "rooms", "rooms": [{"room": r.name, "members": r.members} for r in rooms]}
+        self.out.info(format_rooms(rooms), obj)
+
+    async def _nick(self, arg: str) -> None:
+        if not arg:
+            return self._usage("/nick NEW")
+        self.out.me = await self.client.nick(arg)
+        self.out.info(f"-- you are now {self.out.me}", {"kind": "nick", "nick": self.out.me})
+
+    async def _help(self, arg: str) -> None:
+        self.out.info(HELP, {"kind": "help", "text": HELP})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="zchat-client", description="Chat on a zchat broker.")
+    parser.add_argument("--version", action="version", version=f"zchat-client {__version__}")
+    c.add_options(parser, OPTIONS)
+    parser.add_argument("--plain", action="store_true", help="line mode even on a terminal")
+    parser.add_argument("--json", action="store_true", help="line mode, one JSON object per line")
+    return parser
+
+
+async def _print_events(client: AsyncClient, out: Output) -> None:
+    async for event in client.events():
+        out.event(event)
+
+
+async def _connect(client: AsyncClient, nick: str, out: Output) -> Welcome:
+    welcome = await client.connect(nick)
+    out.me = welcome.nick
+    out.info(
+        f"-- connected as {welcome.nick}. {welcome.motd}".rstrip(),
+        {"kind": "welcome", "nick": welcome.nick, "motd": welcome.motd},
+    )
+    return welcome
+
+
+async def run_lines(client: AsyncClient, chat: Chat, lines: asyncio.Queue[str | None]) -> None:
+    """Line mode: run each input line until end of input or /quit."""
+    while (line := await lines.get()) is not None:
+        if not await chat.run(line):
+            return
+
+
+def _read_stdin(loop: asyncio.AbstractEventLoop, lines: asyncio.Queue[str | None]) -> None:
+    # A thread, not connect_read_pipe: stdin may be a regular file, which asyncio cannot watch.
+    for line in sys.stdin:
+        loop.call_soon_threadsafe(lines.put_nowait, line)
+    loop.call_soon_threadsafe(lines.put_nowait, None)
+
+
+async def line_mode(client: AsyncClient, values: dict[str, Any], out: Output) -> int:
+    if not values["nick"]:
+        out.error("usage", f"--nick (or {c.ENV_NICK}) is required when stdin is not a terminal")
+        return 2
+    await _connect(client, values["nick"], out)
+    chat = Chat(client, out, None)
+    printer = asyncio.create_task(_print_events(client, out))
+    await chat.run(f"/join {values['room']}")
+    lines: asyncio.Queue[str | None] = asyncio.Queue()
+    threading.Thread(target=_read_stdin, args=(asyncio.get_running_loop(), lines), daemon=True).start()
+    try:
+        await run_lines(client, chat, lines)
+    finally:
+        await client.close()
+        await printer
+    return 0
+
+
+async def interactive(client: AsyncClient, values: dict[str, Any], out: Output) -> int:
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.patch_stdout import patch_stdout
+
+    prompt: PromptSession[str] = PromptSession()
+    with patch_stdout(raw=True):
+        nick = values["nick"]
+        while True:
+            if not nick:
+                nick = (await prompt.prompt_async("nick: ")).strip()
+                if not nick:
+                    continue
+            try:
+                await _connect(client, nick, out)
+                break
+            except RequestError as exc:
+                if exc.code not in (ErrorCode.NICK_TAKEN, ErrorCode.INVALID_NICK):
+                    raise
+                out.error(exc.code.value, exc.reason)
+                nick = None
+        chat = Chat(client, out, None)
+        printer = asyncio.create_task(_print_events(client, out))
+        await chat.run(f"/join {values['room']}")
+        try:
+            while True:
+                try:
+                    line = await prompt.prompt_async(lambda: f"[#{chat.room or '-'}] ")
+                except (EOFError, KeyboardInterrupt):
+                    break
+                if not await chat.run(line):
+                    break
+        finally:
+            await client.close()
+            await printer
+    return 0
+
+
+async def amain(values: dict[str, Any], *, json_mode: bool, tty: bool) -> int:
+    out = Output(json_mode=json_mode, interactive=tty)
+    client = AsyncClient(values["router"], values["pub"], timeout=values["timeout"])
+    try:
+        if tty:
+            return await interactive(client, values, out)
+        return await line_mode(client, values, out)
+    except RequestTimeout:
+        out.error("unreachable", f"no answer from the broker at {values['router']} within {values['timeout']:g} s")
+        return 1
+    except RequestError as exc:
+        out.error(exc.code.value, exc.reason)
+        return 1
+    except ClientError as exc:
+        out.error("closed", str(exc))
+        return 1
+    finally:
+        await client.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        values = c.resolve(OPTIONS, args, os.environ)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    tty = sys.stdin.isatty() and sys.stdout.isatty() and not args.plain and not args.json
+    with contextlib.suppress(KeyboardInterrupt):
+        return asyncio.run(amain(values, json_mode=args.json, tty=tty))
+    return 130

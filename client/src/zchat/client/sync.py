@@ -1,0 +1,119 @@
+"""``Client``: the blocking front end, for scripts, bots and tests.
+
+It runs an :class:`~zchat.client.aio.AsyncClient` on an event loop in a private thread, so
+heartbeats keep the session alive while the caller's code does other things, and it offers
+the same methods under the same names, blocking until each completes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine, Iterator
+from types import TracebackType
+from typing import Any, TypeVar
+
+from zchat.common.config import DEFAULT_PUB, DEFAULT_ROUTER
+from zchat.common.errors import ConnectionClosed
+from zchat.common.protocol import Event, Joined, RoomInfo, Sent, Welcome
+
+from .aio import AsyncClient, ClientState
+
+T = TypeVar("T")
+
+
+class Client:
+    """A blocking zchat client; see :class:`~zchat.client.aio.AsyncClient` for the arguments."""
+
+    def __init__(
+        self,
+        router: str = DEFAULT_ROUTER,
+        pub: str = DEFAULT_PUB,
+        *,
+        timeout: float = 5.0,
+        max_queued_events: int = 10_000,
+    ) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="zchat-client", daemon=True)
+        self._thread.start()
+
+        async def make() -> AsyncClient:
+            return AsyncClient(router, pub, timeout=timeout, max_queued_events=max_queued_events)
+
+        self._client = self._run(make())
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        if self._loop.is_closed():
+            coro.close()
+            raise ConnectionClosed("the client is closed")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    @property
+    def state(self) -> ClientState:
+        return self._client.state
+
+    @property
+    def current_nick(self) -> str | None:
+        return self._client.current_nick
+
+    @property
+    def joined(self) -> list[str]:
+        return self._client.joined
+
+    def connect(self, nick: str) -> Welcome:
+        return self._run(self._client.connect(nick))
+
+    def join(self, room: str) -> Joined:
+        return self._run(self._client.join(room))
+
+    def leave(self, room: str) -> None:
+        self._run(self._client.leave(room))
+
+    def say(self, room: str, text: str, *, action: bool = False) -> Sent:
+        return self._run(self._client.say(room, text, action=action))
+
+    def dm(self, nick: str, text: str, *, action: bool = False) -> Sent:
+        return self._run(self._client.dm(nick, text, action=action))
+
+    def who(self, room: str) -> list[str]:
+        return self._run(self._client.who(room))
+
+    def rooms(self) -> list[RoomInfo]:
+        return self._run(self._client.rooms())
+
+    def nick(self, new_nick: str) -> str:
+        return self._run(self._client.nick(new_nick))
+
+    def ping(self) -> float:
+        return self._run(self._client.ping())
+
+    def recv_event(self, timeout: float | None = None) -> Event:
+        """The next event; raises TimeoutError after ``timeout`` s, ConnectionClosed once closed."""
+        return self._run(self._client.recv_event(timeout))
+
+    def events(self, timeout: float | None = None) -> Iterator[Event]:
+        """Every event until the client closes, or until ``timeout`` s pass with none."""
+        while True:
+            try:
+                yield self.recv_event(timeout)
+            except (TimeoutError, ConnectionClosed):
+                return
+
+    def close(self) -> None:
+        """Say bye, close the sockets and stop the client's thread. Safe to call twice."""
+        if self._loop.is_closed():
+            return
+        try:
+            self._run(self._client.close())
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+            self._loop.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

@@ -1,0 +1,121 @@
+"""The one codec: protocol objects <-> msgpack frames. The only module that imports msgpack.
+
+Every decode function either returns a fully checked protocol object or raises
+:class:`~zchat.common.errors.ProtocolError`; no other exception escapes for any input bytes
+(the property tests hold it to that).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+from .codes import ErrorCode
+from .errors import ProtocolError
+from .limits import DEFAULT_LIMITS, Limits
+from .protocol import (
+    MAX_RID,
+    PROTOCOL_VERSION,
+    REPLY_TYPES,
+    REQUEST_TYPES,
+    Event,
+    Reply,
+    Request,
+)
+
+# What msgpack raises on bad input: ValueError covers ExtraData, FormatError, StackError,
+# UnicodeDecodeError and the max_*_len checks; UnpackException covers OutOfData.
+_UNPACK_ERRORS = (ValueError, msgpack.UnpackException)
+
+
+def _unpack_map(data: bytes, max_size: int) -> dict[str, Any]:
+    if len(data) > max_size:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"frame of {len(data)} bytes is over the {max_size}-byte limit")
+    try:
+        # The max_*_len limits default to len(data), so no declared length can make
+        # msgpack allocate more than the frame could hold.
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except _UNPACK_ERRORS as exc:
+        raise ProtocolError(ErrorCode.MALFORMED, f"not a msgpack value: {exc}") from None
+    if type(obj) is not dict:
+        raise ProtocolError(ErrorCode.MALFORMED, "envelope must be a msgpack map")
+    if any(type(key) is not str for key in obj):
+        raise ProtocolError(ErrorCode.MALFORMED, "envelope keys must be strings")
+    return obj
+
+
+def _read_rid(m: dict[str, Any], required: bool) -> int | None:
+    rid = m.get("rid")
+    if rid is None and not required:
+        return None
+    if type(rid) is not int or not 0 <= rid <= MAX_RID:
+        raise ProtocolError(ErrorCode.INVALID, "'rid' must be an integer from 0 to 2**63-1", field="rid")
+    return rid
+
+
+def _check_version(m: dict[str, Any], rid: int | None) -> None:
+    version = m.get("v")
+    if version != PROTOCOL_VERSION or type(version) is not int:
+        raise ProtocolError(
+            ErrorCode.BAD_VERSION, f"protocol version {version!r} is not spoken here (want 1)", rid=rid, field="v"
+        )
+
+
+def _read_kind(m: dict[str, Any], rid: int | None) -> str:
+    kind = m.get("kind")
+    if type(kind) is not str:
+        raise ProtocolError(ErrorCode.INVALID, "'kind' must be a string", rid=rid, field="kind")
+    return kind
+
+
+def decode_request(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Request:
+    """Decode and check one request frame.
+
+    Raises:
+        ProtocolError: with ``rid`` set whenever the request id could be read.
+    """
+    m = _unpack_map(data, limits.max_frame)
+    rid = _read_rid(m, required=True)
+    assert rid is not None
+    _check_version(m, rid)
+    kind = _read_kind(m, rid)
+    cls = REQUEST_TYPES.get(kind)
+    if cls is None:
+        raise ProtocolError(ErrorCode.UNKNOWN_KIND, f"unknown request kind {kind!r}", rid=rid, field="kind")
+    try:
+        return cls.from_map(m, rid, limits)
+    except ProtocolError as exc:
+        exc.rid = rid
+        raise
+
+
+def decode_reply(data: bytes, max_size: int = 16 * 1024 * 1024) -> Reply:
+    """Decode and check one reply frame (client side)."""
+    m = _unpack_map(data, max_size)
+    rid = _read_rid(m, required=False)
+    _check_version(m, rid)
+    kind = _read_kind(m, rid)
+    cls = REPLY_TYPES.get(kind)
+    if cls is None:
+        raise ProtocolError(ErrorCode.UNKNOWN_KIND, f"unknown reply kind {kind!r}", rid=rid, field="kind")
+    if rid is None and kind != "error":
+        raise ProtocolError(ErrorCode.INVALID, f"a {kind!r} reply needs a 'rid'", field="rid")
+    return cls.from_map(m, rid)  # type: ignore[arg-type]  # rid is an int for all but errors
+
+
+def decode_event(data: bytes, max_size: int = 16 * 1024 * 1024) -> Event:
+    """Decode and check one event frame (the second frame of a publication)."""
+    m = _unpack_map(data, max_size)
+    _check_version(m, None)
+    return Event.from_map(m)
+
+
+def encode(message: Request | Reply | Event) -> bytes:
+    """Encode any protocol object as one msgpack frame."""
+    return msgpack.packb(message.to_map(), use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def encode_map(m: dict[str, Any]) -> bytes:
+    """Encode a raw map: for tests and tools that must send what no class would build."""
+    return msgpack.packb(m, use_bin_type=True)  # type: ignore[no-any-return]

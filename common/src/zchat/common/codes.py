@@ -1,0 +1,74 @@
+"""The enums of the wire protocol: request, reply and event kinds, and error codes.
+
+Their values are the strings that travel in envelopes; PROTOCOL.md documents each one.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class RequestKind(StrEnum):
+    """``kind`` of a request a client sends to the broker's ROUTER socket."""
+
+    HELLO = "hello"
+    JOIN = "join"
+    LEAVE = "leave"
+    SAY = "say"
+    DM = "dm"
+    WHO = "who"
+    ROOMS = "rooms"
+    NICK = "nick"
+    PING = "ping"
+    BYE = "bye"
+
+
+class ReplyKind(StrEnum):
+    """``kind`` of a reply the broker sends back over ROUTER/DEALER."""
+
+    WELCOME = "welcome"  # hello
+    JOINED = "joined"  # join
+    LEFT = "left"  # leave
+    SENT = "sent"  # say, dm
+    MEMBERS = "members"  # who
+    ROOMS = "rooms"  # rooms
+    NICK = "nick"  # nick
+    PONG = "pong"  # ping
+    GOODBYE = "goodbye"  # bye
+    ERROR = "error"  # any request
+
+
+class EventKind(StrEnum):
+    """``kind`` of an envelope the broker publishes on its XPUB socket."""
+
+    MESSAGE = "message"
+    ACTION = "action"
+    JOIN = "join"
+    LEAVE = "leave"
+    NICK = "nick"
+    DM = "dm"
+    SYNC = "sync"
+
+
+class ErrorCode(StrEnum):
+    """``code`` of an error reply. Documented, with who is at fault, in PROTOCOL.md."""
+
+    # The request could not be read.
+    MALFORMED = "malformed"  # not msgpack, not a map, or trailing bytes
+    BAD_FRAMES = "bad_frames"  # not exactly one non-empty frame
+    TOO_LARGE = "too_large"  # frame over the size limit
+    BAD_VERSION = "bad_version"  # protocol version not spoken by this broker
+    UNKNOWN_KIND = "unknown_kind"  # kind is not a request kind
+    INVALID = "invalid"  # a field is missing or has the wrong type
+    INVALID_NICK = "invalid_nick"
+    INVALID_ROOM = "invalid_room"
+    INVALID_TEXT = "invalid_text"
+    # The request was read but cannot be done.
+    NO_SESSION = "no_session"  # say hello first (or the session expired)
+    ALREADY_HELLO = "already_hello"  # this connection already has a session
+    NICK_TAKEN = "nick_taken"
+    NO_SUCH_NICK = "no_such_nick"
+    NO_SUCH_ROOM = "no_such_room"
+    NOT_MEMBER = "not_member"
+    TOO_MANY_ROOMS = "too_many_rooms"
+    SERVER_FULL = "server_full"  # the broker's session limit is reached

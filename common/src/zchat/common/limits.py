@@ -1,0 +1,35 @@
+"""Size and count limits, all in one place, with safe defaults.
+
+The broker is configured with one :class:`Limits`; the codec and the broker core read it,
+and the broker applies ``max_frame`` to its sockets as ZMQ_MAXMSGSIZE as well.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .names import MAX_NICK_LENGTH, MAX_ROOM_LENGTH
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Bounds on what one peer may send or hold.
+
+    Attributes:
+        max_frame: largest request frame, in bytes (also ZMQ_MAXMSGSIZE on the ROUTER).
+        max_text: longest message text, in characters.
+        max_nick: longest nick, in characters.
+        max_room: longest room name, in characters.
+        max_rooms_per_session: how many rooms one session may be in at once.
+        max_sessions: how many sessions the broker holds at once.
+    """
+
+    max_frame: int = 64 * 1024
+    max_text: int = 4000
+    max_nick: int = MAX_NICK_LENGTH
+    max_room: int = MAX_ROOM_LENGTH
+    max_rooms_per_session: int = 100
+    max_sessions: int = 20_000
+
+
+DEFAULT_LIMITS = Limits()

@@ -1,0 +1,96 @@
+"""Rules for nicks and room names.
+
+Both are Unicode, normalised to NFKC, and made only of letters, marks, digits and ``_ - .``
+so that no control, format (zero-width, bidi override) or space character can hide in a name.
+
+* A **nick** keeps the form its owner typed (after NFKC) for display; two nicks are the same
+  nick when their :func:`nick_key` is equal (NFKC of the case-folded NFKC form), so ``Ann``,
+  ``ANN`` and ``ａｎｎ`` (full-width) are one nick.
+* A **room** name is case-insensitive and stored in its key form: ``#General`` is ``general``.
+  A leading ``#`` is accepted and dropped, as IRC users type it.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+
+from .codes import ErrorCode
+from .errors import ProtocolError
+
+MAX_NICK_LENGTH = 32
+MAX_ROOM_LENGTH = 64
+_PUNCTUATION = frozenset("_-.")
+#: Nicks that would read as the system speaking.
+RESERVED_NICKS = frozenset({"server", "broker", "system", "zchat"})
+
+
+def _allowed(ch: str) -> bool:
+    return ch in _PUNCTUATION or unicodedata.category(ch)[0] in "LMN"
+
+
+def _check_chars(name: str, what: str, code: ErrorCode) -> None:
+    for ch in name:
+        if not _allowed(ch):
+            raise ProtocolError(
+                code,
+                f"{what} may contain only letters, digits and _ - . (not U+{ord(ch):04X})",
+            )
+
+
+def normalize_nick(raw: str, max_length: int = MAX_NICK_LENGTH) -> str:
+    """Return the display form of a nick, or raise :class:`ProtocolError`.
+
+    The first character must be a letter or ``_``; at most ``max_length`` characters.
+    """
+    nick = unicodedata.normalize("NFKC", raw)
+    if not nick:
+        raise ProtocolError(ErrorCode.INVALID_NICK, "nick is empty")
+    if len(nick) > max_length:
+        raise ProtocolError(ErrorCode.INVALID_NICK, f"nick is longer than {max_length} characters")
+    _check_chars(nick, "nick", ErrorCode.INVALID_NICK)
+    if not (nick[0] == "_" or unicodedata.category(nick[0])[0] == "L"):
+        raise ProtocolError(ErrorCode.INVALID_NICK, "nick must start with a letter or _")
+    if nick_key(nick) in RESERVED_NICKS:
+        raise ProtocolError(ErrorCode.INVALID_NICK, f"nick {nick!r} is reserved")
+    return nick
+
+
+def nick_key(nick: str) -> str:
+    """The form two nicks are compared in: NFKC(casefold(NFKC(nick)))."""
+    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", nick).casefold())
+
+
+def normalize_room(raw: str, max_length: int = MAX_ROOM_LENGTH) -> str:
+    """Return a room's canonical name (its key), or raise :class:`ProtocolError`.
+
+    A leading ``#`` is dropped; the name is case-folded; the first character must be a
+    letter or digit; at most ``max_length`` characters.
+    """
+    name = raw[1:] if raw.startswith("#") else raw
+    name = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", name).casefold())
+    if not name:
+        raise ProtocolError(ErrorCode.INVALID_ROOM, "room name is empty")
+    if len(name) > max_length:
+        raise ProtocolError(ErrorCode.INVALID_ROOM, f"room name is longer than {max_length} characters")
+    _check_chars(name, "room name", ErrorCode.INVALID_ROOM)
+    if unicodedata.category(name[0])[0] not in "LN":
+        raise ProtocolError(ErrorCode.INVALID_ROOM, "room name must start with a letter or digit")
+    return name
+
+
+def check_text(text: str, max_length: int) -> None:
+    """Raise :class:`ProtocolError` (code ``invalid_text``) unless ``text`` may be sent.
+
+    Text is 1 to ``max_length`` characters; newline and tab are allowed, no other control
+    character is (an escape sequence in a message could rewrite a reader's terminal).
+    """
+    if not text:
+        raise ProtocolError(ErrorCode.INVALID_TEXT, "text is empty")
+    if len(text) > max_length:
+        raise ProtocolError(ErrorCode.INVALID_TEXT, f"text is longer than {max_length} characters")
+    if not text.isprintable():
+        for ch in text:
+            if ch not in "\n\t" and unicodedata.category(ch) == "Cc":
+                raise ProtocolError(
+                    ErrorCode.INVALID_TEXT, f"text contains control character U+{ord(ch):04X}"
+                )

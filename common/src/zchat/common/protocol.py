@@ -1,0 +1,566 @@
+"""The message classes of wire protocol v1; each parses, checks and serialises itself.
+
+``from_map`` takes the map the codec decoded and either returns a fully checked object (names
+normalised, types exact) or raises :class:`~zchat.common.errors.ProtocolError`; ``to_map``
+returns the map to encode. Nothing here touches msgpack or a socket: see ``codec``.
+
+Three families travel on the wire (PROTOCOL.md describes every field):
+
+* requests, client DEALER -> broker ROUTER: :data:`Request`;
+* replies, broker ROUTER -> client DEALER, one per request: :data:`Reply`;
+* events, broker XPUB -> client SUB, after a topic frame: :class:`Event`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from .codes import ErrorCode, EventKind, ReplyKind, RequestKind
+from .errors import ProtocolError
+from .limits import DEFAULT_LIMITS, Limits
+from .names import check_text, normalize_nick, normalize_room
+
+PROTOCOL_VERSION = 1
+MAX_RID = 2**63 - 1
+
+Map = dict[str, Any]
+
+
+# -- field readers: exact types only (msgpack's true is not an int here) ------------------
+
+
+def _invalid(field: str, what: str, rid: int | None) -> ProtocolError:
+    return ProtocolError(ErrorCode.INVALID, f"{field!r} must be {what}", rid=rid, field=field)
+
+
+def get_str(m: Map, field: str, rid: int | None = None) -> str:
+    value = m.get(field)
+    if type(value) is not str:
+        raise _invalid(field, "a string", rid)
+    return value
+
+
+def get_int(m: Map, field: str, rid: int | None = None) -> int:
+    value = m.get(field)
+    if type(value) is not int or value < 0:
+        raise _invalid(field, "a non-negative integer", rid)
+    return value
+
+
+def get_float(m: Map, field: str, rid: int | None = None) -> float:
+    value = m.get(field)
+    if type(value) is float:
+        return value
+    if type(value) is int:
+        return float(value)
+    raise _invalid(field, "a number", rid)
+
+
+def get_bool(m: Map, field: str, rid: int | None = None, default: bool = False) -> bool:
+    value = m.get(field, default)
+    if type(value) is not bool:
+        raise _invalid(field, "true or false", rid)
+    return value
+
+
+def get_opt_str(m: Map, field: str, rid: int | None = None) -> str | None:
+    value = m.get(field)
+    if value is not None and type(value) is not str:
+        raise _invalid(field, "a string or absent", rid)
+    return value
+
+
+def get_opt_int(m: Map, field: str, rid: int | None = None) -> int | None:
+    return None if m.get(field) is None else get_int(m, field, rid)
+
+
+def get_str_list(m: Map, field: str, rid: int | None = None) -> tuple[str, ...]:
+    value = m.get(field)
+    if type(value) is not list or any(type(item) is not str for item in value):
+        raise _invalid(field, "a list of strings", rid)
+    return tuple(value)
+
+
+def _text(m: Map, rid: int, limits: Limits) -> str:
+    text = get_str(m, "text", rid)
+    check_text(text, limits.max_text)
+    return text
+
+
+def _header(kind: RequestKind | ReplyKind, rid: int | None) -> Map:
+    return {"v": PROTOCOL_VERSION, "kind": kind.value, "rid": rid}
+
+
+# -- requests -----------------------------------------------------------------------------
+
+
+@dataclass(slots=True, frozen=True)
+class Hello:
+    """Open a session under ``nick``."""
+
+    KIND: ClassVar[RequestKind] = RequestKind.HELLO
+    rid: int
+    nick: str
+
+    @classmethod
+    def from_map(cls, m: Map, rid: int, limits: Limits = DEFAULT_LIMITS) -> Hello:
+        return cls(rid, normalize_nick(get_str(m, "nick", rid), limits.max_nick))
+
+    def to_map(self) -> Map:
+        return {**_header(self.KIND, self.rid), "nick": self.nick}
+
+
+@dataclass(slots=True, frozen=True)
+class Join:
+    """Join ``room`` (created if it does not exist)."""
+
+    KIND: ClassVar[RequestKind] = RequestKind.JOIN
+    rid: int
+    room: str
+
+    @classmethod
+    def from_map(cls, m: Map, rid: int, limits: Limits = DEFAULT_LIMITS) -> Join:
+        return cls(rid, normalize_room(get_str(m, "room", rid), limits.max_room))
+
+    def to_map(self) -> Map:
+        return {**_header(self.KIND, self.rid), "room": self.room}
+
+
+@dataclass(slots=True, frozen=True)
+class Leave:
+    """Leave ``room``."""
+
+    KIND: ClassVar[RequestKind] = RequestKind.LEAVE
+    rid: int
+    room: str
+
+    @classmethod
+    def from_map(cls, m: Map, rid: int, limits: Limits = DEFAULT_LIMITS) -> Leave:
+        return cls(rid, normalize_room(get_str(m, "room", rid), limits.max_room))
+
+    def to_map(self) -> Map:
+        return {**_header(self.KIND, self.rid), "room": self.room}
+
+
+@dataclass(slots=True, frozen=True)
+class Say:
+    """Send ``text`` to ``room``; ``action`` makes it a ``/me`` action."""
+
+    KIND: ClassVar[RequestKind] = RequestKind.SAY
+    rid: int
+    room: str
+    text: str
+    action: bool = False
+
+    @classmethod
+    def from_map(cls, m: Map, rid: int, limits: Limits = DEFAULT_LIMITS) -> Say:
+        return cls(
+            rid,
+            normalize_room(get_str(m, "room", rid), limits.max_room),
+            _text(m, rid, limits),
+            get_bool(m, "action", rid),
+        )
+
+    def to_map(self) -> Map:
+        out = {**_header(self.KIND, self.rid), "room": self.room, "text": self.text}
+        if self.action:
+            out["action"] = True
+        return out
+
+
+@dataclass(slots=True, frozen=True)
+class Dm:
+    """Send ``text`` privately to the session called ``to``."""
+
+    KIND: ClassVar[RequestKind] = RequestKind.DM
+    rid: int
+    to: str
+    text: str
+    action: bool = False
+
+    @classmethod
+    def from_map(cls, m: Map, rid: int, limits: Limits = DEFAULT_LIMITS) -> Dm:
+        return cls(
+            rid,
+            normalize_nick(get_str(m, "to", rid), limits.max_nick),
+            _text(m, rid, limits),
+            get_bool(m, "action", rid),
+        )
+
+    def to_map(self) -> Map:
+        out = {**_header(self.KIND, self.rid), "to": self.to, "text": self.text}
+        if self.action:
+            out["action"] = True
+        return out
+
+
+@dataclass(slots=True, frozen=True)
+class Who:
+    """List the members of ``room``."""
+
+    KIND: ClassVar[RequestKind] = RequestKind.WHO
+    rid: int
+    room: str
+
+    @classmethod
+    def from_map(cls, m: Map, rid: int, limits: Limits = DEFAULT_LIMITS) -> Who:
+        return cls(rid, normalize_room(get_str(m, "room", rid), limits.max_room))
+
+    def to_map(self) -> Map:
+        return {**_header(self.KIND, self.rid), "room": self.room}
+
+
+@dataclass(slots=True, frozen=True)
+class Nick:
+    """Change this session's nick to ``nick``."""
+
+    KIND: ClassVar[RequestKind] = RequestKind.NICK
+    rid: int
+    nick: str
+
+    @classmethod
+    def from_map(cls, m: Map, rid: int, limits: Limits = DEFAULT_LIMITS) -> Nick:
+        return cls(rid, normalize_nick(get_str(m, "nick", rid), limits.max_nick))
+
+    def to_map(self) -> Map:
+        return {**_header(self.KIND, self.rid), "nick": self.nick}
+
+
+@dataclass(slots=True, frozen=True)
+class _Bare:
+    """A request with no fields besides the header."""
+
+    KIND: ClassVar[RequestKind]
+    rid: int
+
+    @classmethod
+    def from_map(cls, m: Map, rid: int, limits: Limits = DEFAULT_LIMITS) -> Any:
+        return cls(rid)
+
+    def to_map(self) -> Map:
+        return _header(self.KIND, self.rid)
+
+
+@dataclass(slots=True, frozen=True)
+class Rooms(_Bare):
+    """List the rooms that exist, with their member counts."""
+
+    KIND: ClassVar[RequestKind] = RequestKind.ROOMS
+
+
+@dataclass(slots=True, frozen=True)
+class Ping(_Bare):
+    """Keep the session alive and measure the round trip."""
+
+    KIND: ClassVar[RequestKind] = RequestKind.PING
+
+
+@dataclass(slots=True, frozen=True)
+class Bye(_Bare):
+    """End the session: leave every room and free the nick."""
+
+    KIND: ClassVar[RequestKind] = RequestKind.BYE
+
+
+Request = Hello | Join | Leave | Say | Dm | Who | Rooms | Nick | Ping | Bye
+
+REQUEST_TYPES: dict[str, type[Request]] = {
+    cls.KIND.value: cls for cls in (Hello, Join, Leave, Say, Dm, Who, Rooms, Nick, Ping, Bye)
+}
+
+
+# -- replies ------------------------------------------------------------------------------
+
+
+@dataclass(slots=True, frozen=True)
+class Welcome:
+    """Reply to ``hello``: the session is open.
+
+    ``topic`` is the session's private topic (its DMs arrive there); ``heartbeat`` is how
+    often an idle client should ping, ``timeout`` how long a silent session lives.
+    """
+
+    KIND: ClassVar[ReplyKind] = ReplyKind.WELCOME
+    rid: int
+    nick: str
+    topic: str
+    motd: str
+    heartbeat: float
+    timeout: float
+
+    @classmethod
+    def from_map(cls, m: Map, rid: int) -> Welcome:
+        return cls(
+            rid,
+            get_str(m, "nick"),
+            get_str(m, "topic"),
+            get_str(m, "motd"),
+            get_float(m, "heartbeat"),
+            get_float(m, "timeout"),
+        )
+
+    def to_map(self) -> Map:
+        return {
+            **_header(self.KIND, self.rid),
+            "nick": self.nick,
+            "topic": self.topic,
+            "motd": self.motd,
+            "heartbeat": self.heartbeat,
+            "timeout": self.timeout,
+        }
+
+
+@dataclass(slots=True, frozen=True)
+class Joined:
+    """Reply to ``join``: subscribe to ``topic`` to receive the room's events."""
+
+    KIND: ClassVar[ReplyKind] = ReplyKind.JOINED
+    rid: int
+    room: str
+    topic: str
+    members: tuple[str, ...]
+
+    @classmethod
+    def from_map(cls, m: Map, rid: int) -> Joined:
+        return cls(rid, get_str(m, "room"), get_str(m, "topic"), get_str_list(m, "members"))
+
+    def to_map(self) -> Map:
+        return {
+            **_header(self.KIND, self.rid),
+            "room": self.room,
+            "topic": self.topic,
+            "members": list(self.members),
+        }
+
+
+@dataclass(slots=True, frozen=True)
+class Left:
+    """Reply to ``leave``."""
+
+    KIND: ClassVar[ReplyKind] = ReplyKind.LEFT
+    rid: int
+    room: str
+
+    @classmethod
+    def from_map(cls, m: Map, rid: int) -> Left:
+        return cls(rid, get_str(m, "room"))
+
+    def to_map(self) -> Map:
+        return {**_header(self.KIND, self.rid), "room": self.room}
+
+
+@dataclass(slots=True, frozen=True)
+class Sent:
+    """Reply to ``say`` and ``dm``: the message's server id and timestamp."""
+
+    KIND: ClassVar[ReplyKind] = ReplyKind.SENT
+    rid: int
+    id: int
+    ts: float
+
+    @classmethod
+    def from_map(cls, m: Map, rid: int) -> Sent:
+        return cls(rid, get_int(m, "id"), get_float(m, "ts"))
+
+    def to_map(self) -> Map:
+        return {**_header(self.KIND, self.rid), "id": self.id, "ts": self.ts}
+
+
+@dataclass(slots=True, frozen=True)
+class Members:
+    """Reply to ``who``: the room's members' nicks, sorted."""
+
+    KIND: ClassVar[ReplyKind] = ReplyKind.MEMBERS
+    rid: int
+    room: str
+    members: tuple[str, ...]
+
+    @classmethod
+    def from_map(cls, m: Map, rid: int) -> Members:
+        return cls(rid, get_str(m, "room"), get_str_list(m, "members"))
+
+    def to_map(self) -> Map:
+        return {**_header(self.KIND, self.rid), "room": self.room, "members": list(self.members)}
+
+
+@dataclass(slots=True, frozen=True)
+class RoomInfo:
+    """One room in a ``rooms`` reply."""
+
+    name: str
+    members: int
+
+
+@dataclass(slots=True, frozen=True)
+class RoomList:
+    """Reply to ``rooms``: every room with its member count, sorted by name."""
+
+    KIND: ClassVar[ReplyKind] = ReplyKind.ROOMS
+    rid: int
+    rooms: tuple[RoomInfo, ...]
+
+    @classmethod
+    def from_map(cls, m: Map, rid: int) -> RoomList:
+        raw = m.get("rooms")
+        if type(raw) is not list or any(type(item) is not dict for item in raw):
+            raise _invalid("rooms", "a list of maps", rid)
+        return cls(rid, tuple(RoomInfo(get_str(r, "room"), get_int(r, "members")) for r in raw))
+
+    def to_map(self) -> Map:
+        return {
+            **_header(self.KIND, self.rid),
+            "rooms": [{"room": r.name, "members": r.members} for r in self.rooms],
+        }
+
+
+@dataclass(slots=True, frozen=True)
+class NickChanged:
+    """Reply to ``nick``: the session's nick from now on."""
+
+    KIND: ClassVar[ReplyKind] = ReplyKind.NICK
+    rid: int
+    nick: str
+
+    @classmethod
+    def from_map(cls, m: Map, rid: int) -> NickChanged:
+        return cls(rid, get_str(m, "nick"))
+
+    def to_map(self) -> Map:
+        return {**_header(self.KIND, self.rid), "nick": self.nick}
+
+
+@dataclass(slots=True, frozen=True)
+class Pong:
+    """Reply to ``ping``: the broker's clock."""
+
+    KIND: ClassVar[ReplyKind] = ReplyKind.PONG
+    rid: int
+    ts: float
+
+    @classmethod
+    def from_map(cls, m: Map, rid: int) -> Pong:
+        return cls(rid, get_float(m, "ts"))
+
+    def to_map(self) -> Map:
+        return {**_header(self.KIND, self.rid), "ts": self.ts}
+
+
+@dataclass(slots=True, frozen=True)
+class Goodbye:
+    """Reply to ``bye``: the session is over."""
+
+    KIND: ClassVar[ReplyKind] = ReplyKind.GOODBYE
+    rid: int
+
+    @classmethod
+    def from_map(cls, m: Map, rid: int) -> Goodbye:
+        return cls(rid)
+
+    def to_map(self) -> Map:
+        return _header(self.KIND, self.rid)
+
+
+@dataclass(slots=True, frozen=True)
+class ErrorReply:
+    """The broker refused a request. ``rid`` is None when the request was unreadable."""
+
+    KIND: ClassVar[ReplyKind] = ReplyKind.ERROR
+    rid: int | None
+    code: ErrorCode
+    reason: str
+    retry_after: float | None = None
+
+    @classmethod
+    def from_map(cls, m: Map, rid: int | None) -> ErrorReply:
+        code = get_str(m, "code")
+        try:
+            error_code = ErrorCode(code)
+        except ValueError:
+            raise _invalid("code", "a known error code", rid) from None
+        retry = m.get("retry_after")
+        return cls(rid, error_code, get_str(m, "reason"), None if retry is None else get_float(m, "retry_after"))
+
+    @classmethod
+    def from_exception(cls, exc: ProtocolError) -> ErrorReply:
+        return cls(exc.rid, exc.code, exc.reason)
+
+    def to_map(self) -> Map:
+        out = {**_header(self.KIND, self.rid), "code": self.code.value, "reason": self.reason}
+        if self.retry_after is not None:
+            out["retry_after"] = self.retry_after
+        return out
+
+
+Reply = Welcome | Joined | Left | Sent | Members | RoomList | NickChanged | Pong | Goodbye | ErrorReply
+
+REPLY_TYPES: dict[str, type[Reply]] = {
+    cls.KIND.value: cls
+    for cls in (Welcome, Joined, Left, Sent, Members, RoomList, NickChanged, Pong, Goodbye, ErrorReply)
+}
+
+
+# -- events -------------------------------------------------------------------------------
+
+#: Event kinds that carry a message someone wrote (and so an ``id`` worth keeping).
+MESSAGE_KINDS = frozenset({EventKind.MESSAGE, EventKind.ACTION, EventKind.DM})
+
+
+@dataclass(slots=True, frozen=True)
+class Event:
+    """Something that happened, published on a room's topic or a private topic.
+
+    Attributes:
+        kind: what happened.
+        room: the room, or None for DMs and sync markers.
+        sender: the nick of the session that caused it, stamped by the broker.
+        text: the message text; a leave's reason; a sync marker's nonce; else "".
+        ts: the broker's clock when it happened (seconds since the epoch).
+        id: the broker's id for it, unique and increasing.
+        to: for a DM, the recipient's nick.
+        nick: for a nick change, the new nick (``sender`` is the old one).
+    """
+
+    kind: EventKind
+    room: str | None
+    sender: str
+    text: str
+    ts: float
+    id: int
+    to: str | None = None
+    nick: str | None = None
+
+    @classmethod
+    def from_map(cls, m: Map) -> Event:
+        kind = get_str(m, "kind")
+        try:
+            event_kind = EventKind(kind)
+        except ValueError:
+            raise ProtocolError(ErrorCode.UNKNOWN_KIND, f"unknown event kind {kind!r}") from None
+        return cls(
+            event_kind,
+            get_opt_str(m, "room"),
+            get_str(m, "sender"),
+            get_str(m, "text"),
+            get_float(m, "ts"),
+            get_int(m, "id"),
+            get_opt_str(m, "to"),
+            get_opt_str(m, "nick"),
+        )
+
+    def to_map(self) -> Map:
+        out: Map = {
+            "v": PROTOCOL_VERSION,
+            "kind": self.kind.value,
+            "sender": self.sender,
+            "text": self.text,
+            "ts": self.ts,
+            "id": self.id,
+        }
+        if self.room is not None:
+            out["room"] = self.room
+        if self.to is not None:
+            out["to"] = self.to
+        if self.nick is not None:
+            out["nick"] = self.nick
+        return out
