@@ -315,7 +315,7 @@ class BrokerCore:
         if room is None:
             return self._error(req.rid, ErrorCode.NOT_MEMBER, f"join {req.room!r} before you speak in it")
         kind = EventKind.ACTION if req.action else EventKind.MESSAGE
-        event = self._event(kind, room.name, session.nick, req.text)
+        event = Event(kind, room.name, session.nick, req.text, self.now, self._next_id())
         self._publish(room.topic, event)
         return Sent(req.rid, event.id, event.ts)
 

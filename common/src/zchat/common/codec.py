@@ -35,13 +35,14 @@ def _unpack_map(data: bytes, max_size: int) -> dict[str, Any]:
     try:
         # The max_*_len limits default to len(data), so no declared length can make
         # msgpack allocate more than the frame could hold.
-        obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
+        # msgpack >= 1.0 defaults: raw=False (str is UTF-8, checked), strict_map_key=True.
+        obj = msgpack.unpackb(data)
     except _UNPACK_ERRORS as exc:
         raise ProtocolError(ErrorCode.MALFORMED, f"not a msgpack value: {exc}") from None
     if type(obj) is not dict:
         raise ProtocolError(ErrorCode.MALFORMED, "envelope must be a msgpack map")
-    if any(type(key) is not str for key in obj):
-        raise ProtocolError(ErrorCode.MALFORMED, "envelope keys must be strings")
+    # Keys are str or bytes (strict_map_key); a bytes key never matches a field name, so a
+    # field given under one is reported missing by the field readers.
     return obj
 
 
@@ -56,7 +57,7 @@ def _read_rid(m: dict[str, Any], required: bool) -> int | None:
 
 def _check_version(m: dict[str, Any], rid: int | None) -> None:
     version = m.get("v")
-    if version != PROTOCOL_VERSION or type(version) is not int:
+    if type(version) is not int or version != PROTOCOL_VERSION:
         raise ProtocolError(
             ErrorCode.BAD_VERSION, f"protocol version {version!r} is not spoken here (want 1)", rid=rid, field="v"
         )
@@ -76,12 +77,15 @@ def decode_request(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Request:
         ProtocolError: with ``rid`` set whenever the request id could be read.
     """
     m = _unpack_map(data, limits.max_frame)
-    rid = _read_rid(m, required=True)
-    assert rid is not None
-    _check_version(m, rid)
-    kind = _read_kind(m, rid)
-    cls = REQUEST_TYPES.get(kind)
+    rid = m.get("rid")
+    if type(rid) is not int or not 0 <= rid <= MAX_RID:
+        _read_rid(m, required=True)  # raises the precise error
+    version, kind = m.get("v"), m.get("kind")
+    if type(version) is not int or version != PROTOCOL_VERSION:
+        _check_version(m, rid)
+    cls = REQUEST_TYPES.get(kind) if type(kind) is str else None
     if cls is None:
+        kind = _read_kind(m, rid)
         raise ProtocolError(ErrorCode.UNKNOWN_KIND, f"unknown request kind {kind!r}", rid=rid, field="kind")
     try:
         return cls.from_map(m, rid, limits)
@@ -111,9 +115,14 @@ def decode_event(data: bytes, max_size: int = 16 * 1024 * 1024) -> Event:
     return Event.from_map(m)
 
 
+# One shared Packer saves building one per call. Sharing it between threads is safe: pack()
+# runs entirely under the GIL (no default= hook calls back into Python).
+_pack = msgpack.Packer(use_bin_type=True).pack
+
+
 def encode(message: Request | Reply | Event) -> bytes:
     """Encode any protocol object as one msgpack frame."""
-    return msgpack.packb(message.to_map(), use_bin_type=True)  # type: ignore[no-any-return]
+    return _pack(message.to_map())  # type: ignore[no-any-return]
 
 
 def encode_map(m: dict[str, Any]) -> bytes:

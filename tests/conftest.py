@@ -1,0 +1,162 @@
+"""Shared fixtures: a real broker on loopback (OS-chosen ports) and clients that clean up.
+
+Nothing here sleeps for a fixed time: helpers poll until a deadline.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+import zmq
+
+from zchat.broker import Broker, BrokerConfig
+from zchat.client import Client
+
+LOOPBACK = "tcp://127.0.0.1:*"
+READY = re.compile(rb"zchat-broker ready router=(\S+) pub=(\S+)")
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 5.0, interval: float = 0.01) -> None:
+    """Poll ``predicate`` until it is true; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s: {predicate}")
+        time.sleep(interval)
+
+
+@dataclass
+class RunningBroker:
+    """A broker serving on a thread of this process."""
+
+    broker: Broker
+    thread: threading.Thread
+
+    @property
+    def router(self) -> str:
+        return self.broker.router_endpoint
+
+    @property
+    def pub(self) -> str:
+        return self.broker.pub_endpoint
+
+    def stop(self) -> None:
+        self.broker.stop()
+        self.thread.join(timeout=5)
+        assert not self.thread.is_alive(), "broker did not stop within 5 s"
+
+
+def start_broker(config: BrokerConfig | None = None) -> RunningBroker:
+    config = replace(config or BrokerConfig(), router=LOOPBACK, pub=LOOPBACK)
+    broker = Broker(config)
+    thread = threading.Thread(target=broker.serve_forever, name="broker", daemon=True)
+    thread.start()
+    return RunningBroker(broker, thread)
+
+
+@pytest.fixture
+def broker_factory() -> Iterator[Callable[..., RunningBroker]]:
+    """Start brokers with a given config; all are stopped at teardown."""
+    started: list[RunningBroker] = []
+
+    def factory(config: BrokerConfig | None = None) -> RunningBroker:
+        running = start_broker(config)
+        started.append(running)
+        return running
+
+    yield factory
+    for running in started:
+        running.stop()
+
+
+@pytest.fixture
+def broker(broker_factory: Callable[..., RunningBroker]) -> RunningBroker:
+    """A broker with default settings."""
+    return broker_factory()
+
+
+@pytest.fixture
+def client_factory(broker: RunningBroker) -> Iterator[Callable[..., Client]]:
+    """Make connected clients of ``broker``; ``factory(nick, rooms...)``. Closed at teardown."""
+    clients: list[Client] = []
+
+    def factory(nick: str | None = None, *rooms: str, timeout: float = 5.0) -> Client:
+        client = Client(broker.router, broker.pub, timeout=timeout)
+        clients.append(client)
+        if nick is not None:
+            client.connect(nick)
+            for room in rooms:
+                client.join(room)
+        return client
+
+    yield factory
+    for client in clients:
+        client.close()
+
+
+@pytest.fixture
+def zctx() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
+    """A raw ZeroMQ context for tests that speak the wire protocol by hand."""
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    yield ctx
+    ctx.destroy(linger=0)
+
+
+@dataclass
+class BrokerProcess:
+    """A broker running as ``python -m zchat.broker`` in a child process."""
+
+    proc: subprocess.Popen[bytes]
+    router: str
+    pub: str
+
+
+def spawn_broker(*args: str, env: dict[str, str] | None = None, timeout: float = 10.0) -> BrokerProcess:
+    """Start a broker process on OS-chosen loopback ports and wait for its ready line."""
+    cmd = [sys.executable, "-m", "zchat.broker", "--router", LOOPBACK, "--pub", LOOPBACK, *args]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})}
+    )
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    result: list[bytes] = []
+    reader = threading.Thread(target=lambda: result.append(proc.stdout.readline()), daemon=True)  # type: ignore[union-attr]
+    reader.start()
+    reader.join(max(0.0, deadline - time.monotonic()))
+    match = READY.search(result[0]) if result else None
+    if match is None:
+        proc.kill()
+        proc.wait()
+        raise AssertionError(f"broker did not report ready: {result!r}")
+    return BrokerProcess(proc, match.group(1).decode(), match.group(2).decode())
+
+
+@pytest.fixture
+def broker_process() -> Iterator[Callable[..., BrokerProcess]]:
+    """Start broker processes; each is killed at teardown if still running."""
+    procs: list[BrokerProcess] = []
+
+    def factory(*args: str, env: dict[str, str] | None = None) -> BrokerProcess:
+        bp = spawn_broker(*args, env=env)
+        procs.append(bp)
+        return bp
+
+    yield factory
+    for bp in procs:
+        if bp.proc.poll() is None:
+            bp.proc.kill()
+        bp.proc.wait(timeout=5)
+        if bp.proc.stdout:
+            bp.proc.stdout.close()
+
+
+REPO = Path(__file__).resolve().parent.parent

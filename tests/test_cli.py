@@ -1,0 +1,304 @@
+"""The command-line programs, run as real processes: ``python -m zchat.client`` and ``-m zchat.broker``.
+
+The client runs against a broker on loopback (OS-chosen ports) with stdin and stdout piped,
+so it is in line mode (or JSON-lines mode with ``--json``); a blocking
+:class:`~zchat.client.Client` on the other side checks what arrives. Every subprocess call has
+a timeout, and the environment is stripped of ``ZCHAT_*`` variables unless a test sets them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import IO, TYPE_CHECKING, Any
+
+import pytest
+
+from zchat.broker import __version__ as broker_version
+from zchat.client import Client, EventKind
+from zchat.client import __version__ as client_version
+from zchat.common.protocol import Event
+
+if TYPE_CHECKING:
+    from tests.conftest import BrokerProcess, RunningBroker
+
+CLIENT = [sys.executable, "-m", "zchat.client"]
+BROKER = [sys.executable, "-m", "zchat.broker"]
+#: Seconds any single wait may take before the test fails.
+WAIT = 10.0
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without ZCHAT_* variables, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ZCHAT_")}
+    return {**env, **extra}
+
+
+def run(cmd: list[str], *, stdin: str = "", env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    env = clean_env() if env is None else env
+    return subprocess.run(cmd, check=False, input=stdin, capture_output=True, text=True, timeout=WAIT, env=env)
+
+
+def endpoints(rb: RunningBroker) -> list[str]:
+    return ["--router", rb.router, "--pub", rb.pub]
+
+
+def events_until(client: Client, last: Callable[[Event], bool], timeout: float = WAIT) -> list[Event]:
+    """Events up to and including the first for which ``last`` is true."""
+    deadline = time.monotonic() + timeout
+    events: list[Event] = []
+    while not events or not last(events[-1]):
+        remaining = deadline - time.monotonic()
+        try:
+            events.append(client.recv_event(max(0.001, remaining)))
+        except TimeoutError:
+            raise AssertionError(f"condition not met within {timeout} s; got {events!r}") from None
+    return events
+
+
+def summary(events: list[Event]) -> list[tuple[str, str, str]]:
+    return [(e.kind.value, e.sender, e.text) for e in events]
+
+
+@pytest.fixture
+def closed_port() -> Iterator[int]:
+    """A loopback port that refuses connections: bound (so nobody else takes it), not listening."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
+
+
+class JsonLines:
+    """A child's stdout as parsed JSON objects, read by a thread so tests wait with a deadline."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._queue: queue.Queue[str] = queue.Queue()
+        self.seen: list[dict[str, Any]] = []
+        threading.Thread(target=self._pump, args=(stream,), daemon=True).start()
+
+    def _pump(self, stream: IO[str]) -> None:
+        for line in iter(stream.readline, ""):
+            self._queue.put(line)
+        self._queue.put("")
+
+    def next(self, kind: str, timeout: float = WAIT) -> dict[str, Any]:
+        """The next object whose kind is ``kind``; every line on the way must be one JSON object."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"no {kind!r} line within {timeout} s: {self.seen!r}") from None
+            if not line:
+                raise AssertionError(f"output ended before a {kind!r} line: {self.seen!r}")
+            obj = json.loads(line)
+            assert type(obj) is dict and line.endswith("\n") and "\n" not in line[:-1], line
+            self.seen.append(obj)
+            if obj["kind"] == kind:
+                return obj
+
+
+# -- line mode -------------------------------------------------------------------------------
+
+
+def test_line_mode_sends_each_line_and_exits_once_acknowledged(
+    broker: RunningBroker, client_factory: Callable[..., Client]
+) -> None:
+    bob = client_factory("bob", "general")
+    lines = ["one", "two", "", "//three", "/frobnicate", "/who", "/me waves", "/msg bob hi", "four"]
+    done = run([*CLIENT, *endpoints(broker), "--nick", "carol", "--room", "general"], stdin="\n".join(lines) + "\n")
+    assert done.returncode == 0, done.stderr
+    assert "-- #general: 2 here: bob, carol" in done.stderr  # /who; replies go to stderr in line mode
+    assert "unknown command /frobnicate" in done.stderr
+
+    events = events_until(bob, lambda e: e.kind is EventKind.LEAVE)
+    assert summary(events) == [
+        ("join", "carol", ""),
+        ("message", "carol", "one"),
+        ("message", "carol", "two"),
+        ("message", "carol", "/three"),
+        ("action", "carol", "waves"),
+        ("dm", "carol", "hi"),
+        ("message", "carol", "four"),
+        ("leave", "carol", "quit"),
+    ]
+    assert {e.room for e in events if e.kind is not EventKind.DM} == {"general"}
+    assert events[5].to == "bob"
+
+
+def test_line_mode_stops_reading_at_quit(broker: RunningBroker, client_factory: Callable[..., Client]) -> None:
+    bob = client_factory("bob", "general")
+    done = run([*CLIENT, *endpoints(broker), "--nick", "carol"], stdin="before\n/quit\nafter\n")
+    assert done.returncode == 0, done.stderr
+    assert summary(events_until(bob, lambda e: e.kind is EventKind.LEAVE)) == [
+        ("join", "carol", ""),
+        ("message", "carol", "before"),
+        ("leave", "carol", "quit"),
+    ]
+
+
+def test_line_mode_reads_its_settings_from_the_environment(
+    broker: RunningBroker, client_factory: Callable[..., Client]
+) -> None:
+    bob = client_factory("bob", "kitchen")
+    env = clean_env(ZCHAT_ROUTER=broker.router, ZCHAT_PUB=broker.pub, ZCHAT_NICK="carol", ZCHAT_ROOM="#Kitchen")
+    done = run(CLIENT, stdin="from the env\n", env=env)
+    assert done.returncode == 0, done.stderr
+    said = events_until(bob, lambda e: e.kind is EventKind.MESSAGE)[-1]
+    assert (said.room, said.sender, said.text) == ("kitchen", "carol", "from the env")
+
+
+def test_line_mode_with_a_taken_nick_exits_1(broker: RunningBroker, client_factory: Callable[..., Client]) -> None:
+    client_factory("carol")
+    done = run([*CLIENT, *endpoints(broker), "--nick", "CAROL"], stdin="hello\n")
+    assert done.returncode == 1
+    assert "nick_taken" in done.stderr
+
+
+def test_json_mode_prints_one_object_per_event(broker: RunningBroker, client_factory: Callable[..., Client]) -> None:
+    bob = client_factory("bob", "general")
+    proc = subprocess.Popen(
+        [*CLIENT, *endpoints(broker), "--nick", "carol", "--room", "general", "--json"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=clean_env(),
+    )
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    try:
+        out = JsonLines(proc.stdout)
+        assert out.next("welcome")["nick"] == "carol"
+        assert out.next("joined")["members"] == ["bob", "carol"]  # carol now hears #general
+
+        sent = bob.say("general", "hello, json")
+        message = out.next("message")
+        assert message == {
+            "kind": "message",
+            "room": "general",
+            "sender": "bob",
+            "text": "hello, json",
+            "ts": sent.ts,
+            "id": sent.id,
+        }
+        sent = bob.dm("carol", "psst\nsecond line")
+        dm = out.next("dm")
+        assert dm == {
+            "kind": "dm",
+            "room": None,
+            "sender": "bob",
+            "text": "psst\nsecond line",
+            "ts": sent.ts,
+            "id": sent.id,
+            "to": "carol",
+        }
+        bob.nick("robert")
+        nick = out.next("nick")
+        assert (nick["room"], nick["sender"], nick["nick"]) == ("general", "bob", "robert")
+        assert {"kind", "room", "sender", "text", "ts", "id"} <= set(nick)
+
+        proc.stdin.write("/who\n")
+        proc.stdin.flush()
+        assert out.next("members") == {"kind": "members", "room": "general", "members": ["carol", "robert"]}
+        proc.stdin.write("from carol\n")
+        proc.stdin.close()  # end of input: the client says bye once its lines are acknowledged
+        assert proc.wait(WAIT) == 0, proc.stderr.read()
+        said = events_until(bob, lambda e: e.kind is EventKind.MESSAGE and e.sender == "carol")[-1]
+        assert said.text == "from carol"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(WAIT)
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            stream.close()
+
+
+# -- start-up failures -------------------------------------------------------------------------
+
+
+def test_missing_nick_in_line_mode_exits_2(closed_port: int) -> None:
+    endpoint = f"tcp://127.0.0.1:{closed_port}"
+    done = run([*CLIENT, "--router", endpoint, "--pub", endpoint], stdin="hello\n")
+    assert done.returncode == 2
+    assert "--nick" in done.stderr and "ZCHAT_NICK" in done.stderr
+    assert done.stdout == ""
+
+    done = run([*CLIENT, "--router", endpoint, "--pub", endpoint, "--json"], stdin="hello\n")
+    assert done.returncode == 2
+    error = json.loads(done.stdout)
+    assert error["kind"] == "error" and "--nick" in error["reason"]
+
+
+def test_unreachable_broker_exits_1_quickly(closed_port: int) -> None:
+    endpoint = f"tcp://127.0.0.1:{closed_port}"
+    started = time.monotonic()
+    done = run([*CLIENT, "--router", endpoint, "--pub", endpoint, "--nick", "carol", "--timeout", "0.5"], stdin="hi\n")
+    assert done.returncode == 1
+    assert f"no answer from the broker at {endpoint} within 0.5 s" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert time.monotonic() - started < 5.0
+
+
+@pytest.mark.parametrize(
+    ("program", "args", "env", "named", "value"),
+    [
+        ("client", ["--router", "not-an-endpoint"], {}, "--router", "not-an-endpoint"),
+        ("client", ["--pub", "http://127.0.0.1:1"], {}, "--pub", "http://127.0.0.1:1"),
+        ("client", ["--timeout=0"], {}, "--timeout", "0"),
+        ("client", [], {"ZCHAT_ROUTER": "nowhere"}, "ZCHAT_ROUTER", "nowhere"),
+        ("client", [], {"ZCHAT_TIMEOUT": "soon"}, "ZCHAT_TIMEOUT", "soon"),
+        ("broker", ["--router", "not-an-endpoint"], {}, "--router", "not-an-endpoint"),
+        ("broker", ["--session-timeout=0"], {}, "--session-timeout", "0"),
+        ("broker", ["--max-frame", "big"], {}, "--max-frame", "big"),
+        ("broker", [], {"ZCHAT_PUB": "udp://x"}, "ZCHAT_PUB", "udp://x"),
+        ("broker", [], {"ZCHAT_LOG_LEVEL": "loud"}, "ZCHAT_LOG_LEVEL", "loud"),
+    ],
+)
+def test_bad_configuration_exits_2_naming_the_option(
+    program: str, args: list[str], env: dict[str, str], named: str, value: str
+) -> None:
+    cmd = [*(CLIENT if program == "client" else BROKER), *args]
+    done = run(cmd, stdin="hello\n", env=clean_env(**env))
+    assert done.returncode == 2
+    assert f"invalid value for {named}: {value!r}" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("cmd", "expected"), [(CLIENT, f"zchat-client {client_version}"), (BROKER, f"zchat-broker {broker_version}")]
+)
+def test_version(cmd: list[str], expected: str) -> None:
+    done = run([*cmd, "--version"])
+    assert done.returncode == 0
+    assert done.stdout.strip() == expected
+
+
+# -- the broker process ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_broker_exits_0_on_signal_with_clients_connected(
+    broker_process: Callable[..., BrokerProcess], sig: signal.Signals
+) -> None:
+    bp = broker_process("--log-level", "warning")
+    with Client(bp.router, bp.pub, timeout=1.0) as alice, Client(bp.router, bp.pub, timeout=1.0) as bob:
+        alice.connect("alice")
+        alice.join("general")
+        bob.connect("bob")
+        bob.join("general")
+        sent = bob.say("general", "hi")
+        said = events_until(alice, lambda e: e.kind is EventKind.MESSAGE)[-1]
+        assert said.id == sent.id
+
+        started = time.monotonic()
+        bp.proc.send_signal(sig)
+        assert bp.proc.wait(timeout=2.0) == 0
+        assert time.monotonic() - started < 2.0
