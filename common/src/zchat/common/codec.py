@@ -46,12 +46,16 @@ def _unpack_map(data: bytes, max_size: int) -> dict[str, Any]:
     return obj
 
 
+def _bad_rid() -> ProtocolError:
+    return ProtocolError(ErrorCode.INVALID, "'rid' must be an integer from 0 to 2**63-1", field="rid")
+
+
 def _read_rid(m: dict[str, Any], required: bool) -> int | None:
     rid = m.get("rid")
     if rid is None and not required:
         return None
     if type(rid) is not int or not 0 <= rid <= MAX_RID:
-        raise ProtocolError(ErrorCode.INVALID, "'rid' must be an integer from 0 to 2**63-1", field="rid")
+        raise _bad_rid()
     return rid
 
 
@@ -79,7 +83,7 @@ def decode_request(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Request:
     m = _unpack_map(data, limits.max_frame)
     rid = m.get("rid")
     if type(rid) is not int or not 0 <= rid <= MAX_RID:
-        _read_rid(m, required=True)  # raises the precise error
+        raise _bad_rid()
     version, kind = m.get("v"), m.get("kind")
     if type(version) is not int or version != PROTOCOL_VERSION:
         _check_version(m, rid)
