@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -55,8 +56,12 @@ class RunningBroker:
         assert not self.thread.is_alive(), "broker did not stop within 5 s"
 
 
-def start_broker(config: BrokerConfig | None = None) -> RunningBroker:
-    config = replace(config or BrokerConfig(), router=LOOPBACK, pub=LOOPBACK)
+def start_broker(config: BrokerConfig | None = None, data_dir: Path | None = None) -> RunningBroker:
+    """A broker on OS-chosen loopback ports; its SQLite store in ``data_dir`` (or a temp dir)."""
+    config = config or BrokerConfig()
+    if config.data_dir == BrokerConfig().data_dir:  # never the user's real data directory
+        config = replace(config, data_dir=data_dir or Path(tempfile.mkdtemp(prefix="zchat-test-")))
+    config = replace(config, router=LOOPBACK, pub=LOOPBACK)
     broker = Broker(config)
     thread = threading.Thread(target=broker.serve_forever, name="broker", daemon=True)
     thread.start()
@@ -123,9 +128,8 @@ class BrokerProcess:
 def spawn_broker(*args: str, env: dict[str, str] | None = None, timeout: float = 10.0) -> BrokerProcess:
     """Start a broker process on OS-chosen loopback ports and wait for its ready line."""
     cmd = [sys.executable, "-m", "zchat.broker", "--router", LOOPBACK, "--pub", LOOPBACK, *args]
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})}
-    )
+    env = {"ZCHAT_DATA_DIR": tempfile.mkdtemp(prefix="zchat-test-"), **os.environ, **(env or {})}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
     assert proc.stdout is not None
     deadline = time.monotonic() + timeout
     result: list[bytes] = []

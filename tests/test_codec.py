@@ -28,6 +28,8 @@ from zchat.common.protocol import (
     Event,
     Goodbye,
     Hello,
+    History,
+    HistoryPage,
     Join,
     Joined,
     Leave,
@@ -73,14 +75,25 @@ REQUESTS: list[Request] = [
     Nick(10, "anne"),
     Ping(11),
     Bye(MAX_RID),
+    Hello(12, "ann", "c" * 32),
+    Say(13, "general", "again", False, "m-1", True),
+    Dm(14, "bob", "again", False, "m-2", True),
+    History(15, room="general", before=10, limit=20),
+    History(16, dm=True, after=3),
+    History(17, room="general"),
 ]
 REPLIES: list[Reply] = [
     Welcome(1, "ann", TOPIC, "be nice", 5.0, 15.0),
     Welcome(1, "ann", TOPIC, "", 0.5, 1.5),
+    Welcome(1, "ann", TOPIC, "", 0.5, 1.5, "c" * 32, 7, True, 100),
     Joined(2, "general", "r/general/", ("ann", "bob")),
     Joined(2, "general", "r/general/", ()),
     Left(3, "general"),
     Sent(4, 1_700_000_000_000_001, 1_700_000_000.25),
+    Sent(4, 1_700_000_000_000_001, 1_700_000_000.25, 42, True),
+    Joined(2, "general", "r/general/", ("ann",), 42),
+    HistoryPage(12, "general", (Event(EventKind.MESSAGE, "general", "ann", "hi", 1.5, 1, seq=1),), 1, False),
+    HistoryPage(12, None, (), 0, False),
     Members(5, "general", ("ann", "bob")),
     RoomList(6, (RoomInfo("dev", 1), RoomInfo("general", 2))),
     RoomList(6, ()),
@@ -99,6 +112,8 @@ EVENTS: list[Event] = [
     Event(EventKind.NICK, "general", "ann", "", 1.5, 5, nick="anne"),
     Event(EventKind.DM, None, "ann", "psst", 1.5, 6, to="bob"),
     Event(EventKind.SYNC, None, "", "a1b2c3", 1.5, 7),
+    Event(EventKind.MESSAGE, "general", "ann", "hi", 1.5, 8, seq=3),
+    Event(EventKind.TICK, "general", "", "", 1.5, 9, seq=3),
 ]
 
 
@@ -422,6 +437,13 @@ def test_fields_under_bytes_keys_do_not_count() -> None:
         assert decode_request(frame) == Ping(7)
     except ProtocolError as exc:
         assert exc.code is ErrorCode.MALFORMED
+
+
+def test_bytes_keys_are_malformed() -> None:
+    # {"v": 1, "kind": "ping", "rid": 7, b"x": 1}: a valid ping plus one bin key.
+    frame = b"\x84\xa1v\x01\xa4kind\xa4ping\xa3rid\x07\xc4\x01x\x01"
+    for decoder in DECODERS:
+        assert _raises(decoder, frame).code is ErrorCode.MALFORMED
 
 
 def test_invalid_utf8_in_a_value_is_malformed() -> None:

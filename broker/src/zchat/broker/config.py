@@ -4,10 +4,46 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from zchat.common import config as c
 from zchat.common.limits import DEFAULT_LIMITS, Limits
+
+from .store import Durability, default_data_dir
+
+ENV_DATA_DIR = "ZCHAT_DATA_DIR"
+ENV_STORE = "ZCHAT_STORE"
+ENV_DURABILITY = "ZCHAT_DURABILITY"
+ENV_RETENTION_MESSAGES = "ZCHAT_RETENTION_MESSAGES"
+ENV_RETENTION_DAYS = "ZCHAT_RETENTION_DAYS"
+ENV_STORE_MAX_MB = "ZCHAT_STORE_MAX_MB"
+ENV_MAX_PAGE = "ZCHAT_MAX_PAGE"
+ENV_TICK_INTERVAL = "ZCHAT_TICK_INTERVAL"
+
+
+def _choice(*allowed: str) -> Any:
+    def parse(value: str) -> str:
+        value = value.strip().lower()
+        if value not in allowed:
+            raise ValueError(f"expected one of {', '.join(allowed)}")
+        return value
+
+    return parse
+
+
+def _non_negative_float(value: str) -> float:
+    number = float(value)
+    if not number >= 0 or number == float("inf"):
+        raise ValueError("expected a number >= 0")
+    return number
+
+
+def _non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise ValueError("expected a whole number >= 0")
+    return number
 
 #: Every broker option: flag, environment variable, default, parser.
 OPTIONS = (
@@ -25,6 +61,23 @@ OPTIONS = (
              c.parse_positive_int, "longest message text in characters", "CHARS"),
     c.Option("log_level", "--log-level", c.ENV_LOG_LEVEL, "INFO", c.parse_log_level,
              "log level: debug, info, warning, error", "LEVEL"),
+    c.Option("data_dir", "--data-dir", ENV_DATA_DIR, default_data_dir(), Path,
+             "directory of the message store", "DIR"),
+    c.Option("store", "--store", ENV_STORE, "sqlite", _choice("sqlite", "memory"),
+             "message store: sqlite (durable) or memory (nothing survives a restart)", "KIND"),
+    c.Option("durability", "--durability", ENV_DURABILITY, Durability.NORMAL,
+             lambda v: Durability(_choice(*Durability)(v)),
+             "SQLite synchronous level: off, normal (survives kill -9), full (survives power loss)", "LEVEL"),
+    c.Option("retention_messages", "--retention-messages", ENV_RETENTION_MESSAGES, 100_000,
+             c.parse_positive_int, "messages kept per room or DM inbox", "COUNT"),
+    c.Option("retention_days", "--retention-days", ENV_RETENTION_DAYS, 0.0, _non_negative_float,
+             "days a message is kept (0: no age limit)", "DAYS"),
+    c.Option("store_max_mb", "--store-max-mb", ENV_STORE_MAX_MB, 0, _non_negative_int,
+             "size quota of the SQLite store in MiB (0: none); over it, sends get 'unavailable'", "MIB"),
+    c.Option("max_page", "--max-page", ENV_MAX_PAGE, 200, c.parse_positive_int,
+             "most messages one history reply holds", "COUNT"),
+    c.Option("tick_interval", "--tick-interval", ENV_TICK_INTERVAL, 1.0, c.parse_positive_float,
+             "seconds between ticks announcing active channels' last seq", "SECONDS"),
 )
 
 
@@ -38,6 +91,19 @@ class BrokerConfig:
     session_timeout: float = c.DEFAULT_SESSION_TIMEOUT
     log_level: str = "INFO"
     limits: Limits = field(default=DEFAULT_LIMITS)
+    data_dir: Path = field(default_factory=default_data_dir)
+    store: str = "sqlite"
+    durability: Durability = Durability.NORMAL
+    retention_messages: int = 100_000
+    retention_days: float = 0.0
+    store_max_mb: int = 0
+    max_page: int = 200
+    tick_interval: float = 1.0
+
+    @property
+    def retention_seconds(self) -> float | None:
+        """The age limit in seconds, or None for none."""
+        return self.retention_days * 86400 if self.retention_days > 0 else None
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any]) -> BrokerConfig:
@@ -50,4 +116,12 @@ class BrokerConfig:
             session_timeout=values["session_timeout"],
             log_level=values["log_level"],
             limits=limits,
+            data_dir=values["data_dir"],
+            store=values["store"],
+            durability=values["durability"],
+            retention_messages=values["retention_messages"],
+            retention_days=values["retention_days"],
+            store_max_mb=values["store_max_mb"],
+            max_page=values["max_page"],
+            tick_interval=values["tick_interval"],
         )

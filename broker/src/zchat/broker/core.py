@@ -1,25 +1,32 @@
-"""The broker's sans-I/O core: sessions, nicks, rooms and private topics.
+"""The broker's sans-I/O core: sessions, nicks, rooms, private topics and sequencing.
 
 The I/O layer (``server``) feeds it what arrives — request frames from the ROUTER with the
-peer's routing id, subscription messages from the XPUB — and the passage of time; the core
-answers by queueing frames, which the I/O layer takes with :meth:`BrokerCore.take_output`
-and sends once per loop turn. The core never touches a socket, so every rule here is tested
-in memory.
+peer's routing id, subscription messages from the XPUB — and the passage of time. The core
+answers by queueing frames. Once per loop turn the I/O layer calls :meth:`BrokerCore.commit`
+(one store transaction for every message of the turn: group commit) and then sends what
+:meth:`BrokerCore.take_output` returns. The core never touches a socket; it reaches the
+message store only through the :class:`~zchat.broker.store.Store` interface.
 
 Rules it keeps:
 
-* ``sender`` of everything published is the session's nick, never what the client claims
-  (requests have no sender field at all; anything extra in a map is ignored).
-* A subscription is granted only for the topic of a room that exists or the private topic
-  of a live session; everything else (``b""``, prefixes, guesses, dead sessions) is denied.
+* ``sender`` of everything published is the session's nick, never what the client claims.
+* A subscription is granted only for the topic of a room that has members or the private
+  topic of a live session; everything else (``b""``, prefixes, guesses, dead sessions) is not.
 * Nicks are unique among live sessions by :func:`~zchat.common.names.nick_key`.
+* Every room message, action and DM gets the next sequence number of its channel (a room, or
+  one client's DM inbox); its ``sent`` reply and its publication leave only after the store
+  committed it. If the commit fails, both are replaced by an ``unavailable`` error and the
+  sequence numbers are given back, so no number is ever published twice or skipped.
+* A resend carrying the ``cmid`` of a stored message is answered with the original.
 * A session silent for ``session_timeout`` seconds is ended as if it had said ``bye``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from collections import Counter
+import secrets
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -37,6 +44,8 @@ from zchat.common.protocol import (
     Event,
     Goodbye,
     Hello,
+    History,
+    HistoryPage,
     Join,
     Joined,
     Leave,
@@ -58,7 +67,15 @@ from zchat.common.protocol import (
 )
 from zchat.common.topics import new_private_topic, room_topic, split_sync
 
+from .store import MemoryStore, Store, StoredMessage, StoreError
+
 log = logging.getLogger("zchat.broker")
+
+#: How many (client, cmid) pairs are remembered in memory for idempotent retry; older ones
+#: are looked up in the store when the resend is flagged ``retry``.
+CMID_CACHE_SIZE = 100_000
+#: Seconds a client waits before retrying after an ``unavailable`` error.
+RETRY_AFTER = 1.0
 
 
 class Subscription(Enum):
@@ -67,28 +84,31 @@ class Subscription(Enum):
     GRANT = "grant"  # setsockopt(SUBSCRIBE, topic) for the pipe it came from
     DENY = "deny"  # nothing: the pipe never gets the topic
     UNSUBSCRIBE = "unsubscribe"  # setsockopt(UNSUBSCRIBE, topic)
-    IGNORE = "ignore"  # not a subscription (or a sync request, already answered)
+    IGNORE = "ignore"  # nothing (junk, an answered sync, or a subscription we cannot place)
 
 
 @dataclass(eq=False, slots=True)
 class Session:
-    """One client's session, keyed by its DEALER's routing id on the ROUTER."""
+    """One client's session, bound to its DEALER's routing id on the ROUTER."""
 
     peer: bytes
     nick: str
     key: str
     topic: bytes
+    client: str  # hash of the client identity
+    inbox: str  # the DM channel, "d:<client hash>"
     last_seen: float
     rooms: dict[str, Room] = field(default_factory=dict)
 
 
 @dataclass(eq=False, slots=True)
 class Room:
-    """A public room; it exists while it has members."""
+    """A room in use; it exists while it has members (its history outlives it)."""
 
     name: str
     topic: bytes
-    members: dict[bytes, Session] = field(default_factory=dict)
+    channel: str
+    members: set[Session] = field(default_factory=set)
 
 
 @dataclass(slots=True)
@@ -97,44 +117,87 @@ class Stats:
 
     requests: int = 0
     published: int = 0
+    stored: int = 0
+    duplicates: int = 0
+    history_requests: int = 0
+    commits: int = 0
+    commit_failures: int = 0
+    pruned: int = 0
     sessions_opened: int = 0
+    sessions_resumed: int = 0
     sessions_expired: int = 0
     subscriptions_granted: int = 0
     subscriptions_denied: int = 0
+    subscriptions_deferred: int = 0
     errors: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass(slots=True)
+class _Pending:
+    """Output that stands or falls with the turn's commit."""
+
+    peer: bytes
+    rid: int
+    reply_index: int
+    publish_indices: list[int]
+    cache_key: tuple[str, str] | None
+
+
+def client_hash(identity: str) -> str:
+    """The stored form of a client identity (the identity itself is a secret)."""
+    return hashlib.sha256(identity.encode()).hexdigest()[:32]
 
 
 class BrokerCore:
     """All broker state and rules; see the module docstring.
 
     Args:
+        store: where messages are kept (default: in memory).
         limits: size and count bounds.
         motd: message of the day, sent in every welcome.
         session_timeout: seconds of silence after which a session ends.
+        max_page: most events one ``history`` reply holds.
+        tick_horizon: seconds after a channel's last message during which ticks announce
+            its last seq (so a lost final message is noticed).
     """
 
     def __init__(
         self,
         *,
+        store: Store | None = None,
         limits: Limits = DEFAULT_LIMITS,
         motd: str = "",
         session_timeout: float = 15.0,
+        max_page: int = 200,
+        tick_horizon: float = 60.0,
     ) -> None:
+        self.store: Store = store if store is not None else MemoryStore()
         self.limits = limits
         self.motd = motd
         self.session_timeout = session_timeout
         self.heartbeat = session_timeout / 3
+        self.max_page = max_page
+        self.tick_horizon = tick_horizon
         self.sessions: dict[bytes, Session] = {}
         self.nicks: dict[str, Session] = {}
+        self.clients: dict[str, Session] = {}
         self.private_topics: dict[bytes, Session] = {}
         self.rooms: dict[str, Room] = {}
         self.room_topics: dict[bytes, Room] = {}
         self.stats = Stats()
         self.now = 0.0  # wall clock, for timestamps
         self.mono = 0.0  # monotonic clock, for timeouts
-        self._last_id = 0
+        self._last_id = self.store.last_id()
+        self._seqs: dict[str, int] = {}  # channel -> last seq handed out (committed or staged)
+        self._batch_seqs: dict[str, int] = {}  # channel -> its last seq before this turn
+        self._pending: list[_Pending] = []
+        self._cmids: OrderedDict[tuple[str, str], tuple[int, float, int]] = OrderedDict()
+        self._staged_cmids: set[tuple[str, str]] = set()
+        self._active: dict[str, float] = {}  # channel -> when it last got a message (mono)
+        self._xpub_misaligned = False
+        self._junk_epoch = 0
         self._replies: list[tuple[bytes, bytes]] = []
-        self._publishes: list[tuple[bytes, bytes]] = []
+        self._publishes: list[tuple[bytes, bytes] | None] = []
         self._handlers: dict[type[Any], Callable[[Session, Any], Reply]] = {
             Join: self._join,
             Leave: self._leave,
@@ -145,6 +208,7 @@ class BrokerCore:
             Nick: self._nick,
             Ping: self._ping,
             Bye: self._bye,
+            History: self._history,
             Hello: self._hello_again,
         }
 
@@ -181,8 +245,18 @@ class BrokerCore:
         self._queue_reply(peer, ErrorReply(None, ErrorCode.BAD_FRAMES, reason))
 
     def handle_subscription(self, message: bytes) -> Subscription:
-        """Decide on one message read from the XPUB socket (``\\x01topic`` or ``\\x00topic``)."""
+        """Decide on one single-frame message read from the XPUB socket.
+
+        ``\\x01topic`` asks to subscribe, ``\\x00topic`` to unsubscribe; anything else is junk
+        an XSUB sent, and :meth:`handle_xpub_junk` must be called for it instead.
+        """
         if not message or message[0] > 1:
+            self.handle_xpub_junk()
+            return Subscription.IGNORE
+        if self._xpub_misaligned:
+            # libzmq cannot tell us which pipe this came from (see handle_xpub_junk): neither
+            # grant nor revoke. A sync is left unanswered too, so its client tries again.
+            self.stats.subscriptions_deferred += 1
             return Subscription.IGNORE
         topic = message[1:]
         if message[0] == 0:
@@ -194,10 +268,31 @@ class BrokerCore:
         if sync is not None:
             session = self.private_topics.get(sync[0])
             if session is not None:
-                self._publish(session.topic, Event(EventKind.SYNC, None, "", sync[1], self.now, self._next_id()))
+                # seq carries the junk epoch: a client that sees it change between two syncs
+                # cannot be sure a subscription it sent in between was placed, and resends it.
+                epoch = self._junk_epoch
+                sync_event = Event(EventKind.SYNC, None, "", sync[1], self.now, self._next_id(), seq=epoch)
+                self._publish(session.topic, sync_event)
                 return Subscription.IGNORE
         self.stats.subscriptions_denied += 1
         return Subscription.DENY
+
+    def handle_xpub_junk(self) -> None:
+        """A non-subscription message (from an XSUB) was read from the XPUB socket.
+
+        In manual mode libzmq 4.3 queues the sending pipe of each subscription message but
+        not of other messages, while every read takes one pipe off that queue; after such a
+        message, SUBSCRIBE/UNSUBSCRIBE would apply to the wrong pipe (granting one peer's
+        private topic to another) until the queue is empty again: :meth:`xpub_drained`.
+        Until then no subscription is granted or revoked and no sync answered; the epoch
+        that sync events carry moves on, so clients resend what they sent meanwhile.
+        """
+        self._xpub_misaligned = True
+        self._junk_epoch += 1
+
+    def xpub_drained(self) -> None:
+        """A non-blocking read of the XPUB found nothing: libzmq's queues are aligned again."""
+        self._xpub_misaligned = False
 
     def expire_sessions(self) -> int:
         """End every session silent for longer than the timeout; return how many."""
@@ -209,33 +304,105 @@ class BrokerCore:
         self.stats.sessions_expired += len(expired)
         return len(expired)
 
+    @property
+    def staged(self) -> int:
+        """How many replies wait for the next :meth:`commit`."""
+        return len(self._pending)
+
+    def commit(self) -> bool:
+        """Commit the turn's messages in one store transaction; False if the store refused.
+
+        On failure every reply that would have acknowledged one of them becomes an
+        ``unavailable`` error, their publications are dropped and their sequence numbers
+        are handed out again.
+        """
+        if not self._pending:
+            return True
+        try:
+            self.stats.stored += self.store.commit()
+        except StoreError as exc:
+            self.stats.commit_failures += 1
+            log.warning("store commit of %d messages failed: %s", len(self._pending), exc)
+            self._fail_batch()
+            return False
+        finally:
+            self._batch_seqs.clear()
+            self._staged_cmids.clear()
+        self.stats.commits += 1
+        self._pending.clear()
+        return True
+
+    def tick(self) -> None:
+        """Publish each recently active channel's last seq on its topic (a ``tick``).
+
+        A subscriber whose last seq is lower has lost a message and fetches it.
+        """
+        horizon = self.mono - self.tick_horizon
+        for channel, since in list(self._active.items()):
+            if since < horizon:
+                del self._active[channel]
+                continue
+            topic, room = self._channel_topic(channel)
+            if topic is not None:
+                seq = self._seqs[channel]
+                self._publish(topic, Event(EventKind.TICK, room, "", "", self.now, self._next_id(), seq=seq))
+
+    def prune(self, max_per_channel: int, max_age: float | None, budget: int = 1000) -> int:
+        """Delete up to ``budget`` stored messages beyond the retention limits."""
+        removed = self.store.prune(self.now, max_per_channel, max_age, budget)
+        self.stats.pruned += removed
+        return removed
+
     # -- outputs ---------------------------------------------------------------------------
 
     def take_output(self) -> tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes]]]:
         """``(replies, publications)`` queued since the last call, in order.
 
-        Replies are ``(routing id, frame)``; publications are ``(topic, frame)``.
+        Replies are ``(routing id, frame)``; publications are ``(topic, frame)``. Call
+        :meth:`commit` first: output of an uncommitted turn is not to be sent.
         """
         replies, publishes = self._replies, self._publishes
         self._replies, self._publishes = [], []
-        return replies, publishes
+        return replies, [p for p in publishes if p is not None]
 
     # -- helpers ---------------------------------------------------------------------------
 
     def _next_id(self) -> int:
-        # Microseconds since the epoch, bumped to stay strictly increasing: unique across
-        # restarts as long as the clock does not run backwards.
+        # Microseconds since the epoch, bumped to stay strictly increasing, and starting
+        # above the store's highest id: unique across restarts.
         self._last_id = max(self._last_id + 1, int(self.now * 1_000_000))
         return self._last_id
+
+    def _next_seq(self, channel: str) -> int:
+        seq = self._seqs.get(channel)
+        if seq is None:
+            seq = self._seqs[channel] = self.store.last_seq(channel)
+        if channel not in self._batch_seqs:
+            self._batch_seqs[channel] = seq
+        self._seqs[channel] = seq + 1
+        self._active[channel] = self.mono
+        return seq + 1
+
+    def _last_seq(self, channel: str) -> int:
+        seq = self._seqs.get(channel)
+        return seq if seq is not None else self.store.last_seq(channel)
+
+    def _channel_topic(self, channel: str) -> tuple[bytes | None, str | None]:
+        if channel.startswith("r:"):
+            room = self.rooms.get(channel[2:])
+            return (room.topic, room.name) if room is not None else (None, None)
+        session = self.clients.get(channel[2:])
+        return (session.topic, None) if session is not None else (None, None)
 
     def _queue_reply(self, peer: bytes, reply: Reply) -> None:
         if type(reply) is ErrorReply:
             self.stats.errors[reply.code.value] += 1
         self._replies.append((peer, encode(reply)))
 
-    def _publish(self, topic: bytes, event: Event) -> None:
+    def _publish(self, topic: bytes, event: Event) -> int:
         self.stats.published += 1
         self._publishes.append((topic, encode(event)))
+        return len(self._publishes) - 1
 
     def _event(self, kind: EventKind, room: str | None, sender: str, text: str = "", **extra: Any) -> Event:
         return Event(kind, room, sender, text, self.now, self._next_id(), **extra)
@@ -243,6 +410,49 @@ class BrokerCore:
     @staticmethod
     def _error(rid: int, code: ErrorCode, reason: str) -> ErrorReply:
         return ErrorReply(rid, code, reason)
+
+    def _stage(self, session: Session, rid: int, publishes: list[int], cmid: str | None, sent: Sent) -> Sent:
+        """Record output that depends on the commit; the reply is queued next."""
+        key = (session.client, cmid) if cmid is not None else None
+        if key is not None:
+            self._cmids[key] = (sent.id, sent.ts, sent.seq)
+            self._staged_cmids.add(key)
+            if len(self._cmids) > CMID_CACHE_SIZE:
+                self._cmids.popitem(last=False)
+        self._pending.append(_Pending(session.peer, rid, len(self._replies), publishes, key))
+        return sent
+
+    def _fail_batch(self) -> None:
+        unavailable = ErrorReply(None, ErrorCode.UNAVAILABLE, "the message store refused the write", RETRY_AFTER)
+        for pending in self._pending:
+            unavailable.rid = pending.rid
+            self.stats.errors[ErrorCode.UNAVAILABLE.value] += 1
+            self._replies[pending.reply_index] = (pending.peer, encode(unavailable))
+            for index in pending.publish_indices:
+                self._publishes[index] = None
+            if pending.cache_key is not None:
+                self._cmids.pop(pending.cache_key, None)
+        for channel, seq in self._batch_seqs.items():
+            self._seqs[channel] = seq
+        self._pending.clear()
+
+    def _duplicate(self, session: Session, req: Say | Dm) -> Sent | None:
+        """The original's ``sent`` if this is a resend of a stored (or staged) message."""
+        if req.cmid is None:
+            return None
+        key = (session.client, req.cmid)
+        known = self._cmids.get(key)
+        if known is None and req.retry:
+            stored = self.store.find_cmid(session.client, req.cmid)
+            if stored is not None:
+                known = (stored.id, stored.ts, stored.seq)
+        if known is None:
+            return None
+        self.stats.duplicates += 1
+        sent = Sent(req.rid, known[0], known[1], known[2], dup=True)
+        if key in self._staged_cmids:  # the original is in this very turn: same fate
+            self._pending.append(_Pending(session.peer, req.rid, len(self._replies), [], None))
+        return sent
 
     def _without_session(self, peer: bytes, request: Request) -> Reply:
         if type(request) is Hello:
@@ -256,10 +466,11 @@ class BrokerCore:
             self._remove_member(room, session, reason)
         del self.sessions[session.peer]
         del self.nicks[session.key]
+        del self.clients[session.client]
         del self.private_topics[session.topic]
 
     def _remove_member(self, room: Room, session: Session, reason: str) -> None:
-        del room.members[session.peer]
+        room.members.discard(session)
         del session.rooms[room.name]
         if room.members:
             self._publish(room.topic, self._event(EventKind.LEAVE, room.name, session.nick, reason))
@@ -267,41 +478,70 @@ class BrokerCore:
             del self.rooms[room.name]
             del self.room_topics[room.topic]
 
+    def _welcome(self, rid: int, session: Session, identity: str, resumed: bool) -> Welcome:
+        return Welcome(
+            rid,
+            session.nick,
+            session.topic.decode(),
+            self.motd,
+            self.heartbeat,
+            self.session_timeout,
+            identity,
+            self._last_seq(session.inbox),
+            resumed,
+            self.max_page,
+        )
+
     # -- request handlers ------------------------------------------------------------------
 
     def _hello(self, peer: bytes, req: Hello) -> Reply:
+        identity = req.client or secrets.token_urlsafe(24)
+        chash = client_hash(identity)
+        session = self.clients.get(chash)
+        if session is not None:
+            # The same client on a new connection (its old one died): move the session over.
+            del self.sessions[session.peer]
+            log.info("session %s resumed (%s -> %s)", session.nick, session.peer.hex(), peer.hex())
+            session.peer, session.last_seen = peer, self.mono
+            self.sessions[peer] = session
+            self.stats.sessions_resumed += 1
+            return self._welcome(req.rid, session, identity, resumed=True)
         if len(self.sessions) >= self.limits.max_sessions:
             return self._error(req.rid, ErrorCode.SERVER_FULL, "the broker holds all the sessions it may")
         key = nick_key(req.nick)
         if key in self.nicks:
             return self._error(req.rid, ErrorCode.NICK_TAKEN, f"nick {req.nick!r} is taken")
         topic = new_private_topic()
-        session = Session(peer, req.nick, key, topic, self.mono)
+        session = Session(peer, req.nick, key, topic, chash, "d:" + chash, self.mono)
         self.sessions[peer] = session
         self.nicks[key] = session
+        self.clients[chash] = session
         self.private_topics[topic] = session
         self.stats.sessions_opened += 1
         log.info("session %s (%s) opened", req.nick, peer.hex())
-        return Welcome(req.rid, req.nick, topic.decode(), self.motd, self.heartbeat, self.session_timeout)
+        return self._welcome(req.rid, session, identity, resumed=False)
 
     def _hello_again(self, session: Session, req: Hello) -> Reply:
         return self._error(req.rid, ErrorCode.ALREADY_HELLO, f"this connection is already {session.nick!r}")
 
+    def _joined(self, rid: int, room: Room) -> Joined:
+        return Joined(rid, room.name, room.topic.decode(), self._member_nicks(room), self._last_seq(room.channel))
+
     def _join(self, session: Session, req: Join) -> Reply:
         room = self.rooms.get(req.room)
-        if room is not None and session.peer in room.members:
-            return Joined(req.rid, room.name, room.topic.decode(), self._member_nicks(room))
+        if room is not None and session in room.members:
+            return self._joined(req.rid, room)
         if len(session.rooms) >= self.limits.max_rooms_per_session:
             limit = self.limits.max_rooms_per_session
             return self._error(req.rid, ErrorCode.TOO_MANY_ROOMS, f"a session may be in at most {limit} rooms")
         if room is None:
-            room = Room(req.room, room_topic(req.room))
+            room = Room(req.room, room_topic(req.room), "r:" + req.room)
             self.rooms[room.name] = room
             self.room_topics[room.topic] = room
-        room.members[session.peer] = session
+        room.members.add(session)
         session.rooms[room.name] = room
         self._publish(room.topic, self._event(EventKind.JOIN, room.name, session.nick))
-        return Joined(req.rid, room.name, room.topic.decode(), self._member_nicks(room))
+        return self._joined(req.rid, room)
 
     def _leave(self, session: Session, req: Leave) -> Reply:
         room = session.rooms.get(req.room)
@@ -314,20 +554,56 @@ class BrokerCore:
         room = session.rooms.get(req.room)
         if room is None:
             return self._error(req.rid, ErrorCode.NOT_MEMBER, f"join {req.room!r} before you speak in it")
+        duplicate = self._duplicate(session, req)
+        if duplicate is not None:
+            return duplicate
         kind = EventKind.ACTION if req.action else EventKind.MESSAGE
-        event = Event(kind, room.name, session.nick, req.text, self.now, self._next_id())
-        self._publish(room.topic, event)
-        return Sent(req.rid, event.id, event.ts)
+        seq, msg_id, now = self._next_seq(room.channel), self._next_id(), self.now
+        self.store.add(
+            StoredMessage(room.channel, seq, msg_id, now, kind.value, room.name, session.nick, req.text,
+                          None, session.client, req.cmid)
+        )
+        index = self._publish(room.topic, Event(kind, room.name, session.nick, req.text, now, msg_id, seq=seq))
+        return self._stage(session, req.rid, [index], req.cmid, Sent(req.rid, msg_id, now, seq))
 
     def _dm(self, session: Session, req: Dm) -> Reply:
         target = self.nicks.get(nick_key(req.to))
         if target is None:
             return self._error(req.rid, ErrorCode.NO_SUCH_NICK, f"nobody is called {req.to!r}")
-        event = self._event(EventKind.DM, None, session.nick, req.text, to=target.nick)
-        self._publish(target.topic, event)
-        if target is not session:
-            self._publish(session.topic, event)  # the sender's other views see it too
-        return Sent(req.rid, event.id, event.ts)
+        duplicate = self._duplicate(session, req)
+        if duplicate is not None:
+            return duplicate
+        msg_id, now = self._next_id(), self.now
+        published: list[int] = []
+        seq = 0
+        # One stored copy per inbox: the recipient's and (unless the same) the sender's,
+        # which carries the cmid. Each copy is published on its owner's private topic.
+        for owner in (target, session) if target is not session else (target,):
+            seq = self._next_seq(owner.inbox)
+            mine = owner is session
+            self.store.add(
+                StoredMessage(owner.inbox, seq, msg_id, now, EventKind.DM.value, None, session.nick, req.text,
+                              target.nick, session.client if mine else None, req.cmid if mine else None)
+            )
+            event = Event(EventKind.DM, None, session.nick, req.text, now, msg_id, to=target.nick, seq=seq)
+            published.append(self._publish(owner.topic, event))
+        return self._stage(session, req.rid, published, req.cmid, Sent(req.rid, msg_id, now, seq))
+
+    def _history(self, session: Session, req: History) -> Reply:
+        self.stats.history_requests += 1
+        if req.dm:
+            channel = session.inbox
+        else:
+            assert req.room is not None
+            if req.room not in session.rooms:
+                return self._error(req.rid, ErrorCode.NOT_MEMBER, f"join {req.room!r} to read its history")
+            channel = "r:" + req.room
+        limit = min(req.limit if req.limit is not None else 50, self.max_page)
+        stored = self.store.page(channel, before=req.before, after=req.after, limit=limit)
+        events = tuple(
+            Event(EventKind(m.kind), m.room, m.sender, m.text, m.ts, m.id, to=m.to, seq=m.seq) for m in stored
+        )
+        return HistoryPage(req.rid, req.room, events, self.store.last_seq(channel), len(stored) == limit > 0)
 
     def _who(self, session: Session, req: Who) -> Reply:
         room = self.rooms.get(req.room)
@@ -365,4 +641,4 @@ class BrokerCore:
 
     @staticmethod
     def _member_nicks(room: Room) -> tuple[str, ...]:
-        return tuple(sorted((s.nick for s in room.members.values()), key=nick_key))
+        return tuple(sorted((s.nick for s in room.members), key=nick_key))

@@ -15,13 +15,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import queue
 import socket
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
 
 import zmq
 
 from .config import BrokerConfig
 from .core import BrokerCore, Subscription
+from .store import MemoryStore, SqliteStore, Store
 
 log = logging.getLogger("zchat.broker")
 
@@ -31,6 +36,17 @@ BATCH = 1024
 MAX_SUBSCRIPTION_FRAME = 1024
 #: How long close() may spend delivering queued frames, in milliseconds.
 LINGER_MS = 500
+#: Seconds between retention passes, and most messages one pass deletes.
+PRUNE_EVERY, PRUNE_BUDGET = 1.0, 2000
+
+
+def open_store(config: BrokerConfig) -> Store:
+    """The store ``config`` asks for: SQLite under ``data_dir`` (default) or memory."""
+    if config.store == "memory":
+        return MemoryStore()
+    path = config.data_dir / SqliteStore.FILENAME
+    max_pages = config.store_max_mb * 1024 * 1024 // 4096 if config.store_max_mb else None
+    return SqliteStore(path, config.durability, max_pages)
 
 
 class Broker:
@@ -40,10 +56,26 @@ class Broker:
     OS chose when the configured endpoint ends in ``:*``).
     """
 
-    def __init__(self, config: BrokerConfig, context: zmq.Context[zmq.Socket[bytes]] | None = None) -> None:
+    def __init__(
+        self,
+        config: BrokerConfig,
+        context: zmq.Context[zmq.Socket[bytes]] | None = None,
+        store: Store | None = None,
+    ) -> None:
         self.config = config
-        self.core = BrokerCore(limits=config.limits, motd=config.motd, session_timeout=config.session_timeout)
+        self.store = store if store is not None else open_store(config)
+        self.core = BrokerCore(
+            store=self.store,
+            limits=config.limits,
+            motd=config.motd,
+            session_timeout=config.session_timeout,
+            max_page=config.max_page,
+        )
+        #: Seconds the last store commit took (for metrics and the benchmark).
+        self.last_commit_seconds = 0.0
+        self._calls: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
         self._own_context = context is None
+        self._closed = False
         self._ctx = context or zmq.Context()
         self._stopping = False
         self._wake_r, self._wake_w = socket.socketpair()
@@ -83,23 +115,38 @@ class Broker:
     def stop(self) -> None:
         """Ask the loop to finish its turn and return; safe from any thread or signal handler."""
         self._stopping = True
+        self._wake()
+
+    def submit(self, fn: Callable[[], Any]) -> Future[Any]:
+        """Run ``fn`` on the loop's thread between two turns; thread-safe.
+
+        The returned future holds its result. For reloads, tests and tools that must touch
+        the broker's state without racing the loop.
+        """
+        future: Future[Any] = Future()
+        self._calls.put((fn, future))
+        self._wake()
+        return future
+
+    def _wake(self) -> None:
         with contextlib.suppress(OSError):  # BlockingIOError: already woken; OSError: closed
             self._wake_w.send(b"\0")
 
     def serve_forever(self) -> None:
-        """Run the loop until :meth:`stop` is called, then close the sockets."""
+        """Run the loop until :meth:`stop` is called, then close the sockets and the store."""
         log.info("zchat broker serving: router=%s pub=%s", self.router_endpoint, self.pub_endpoint)
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
         poller.register(self.xpub, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
-        core = self.core
-        sweep_every = min(1.0, self.config.session_timeout / 4)
-        next_sweep = time.monotonic() + sweep_every
+        core, config = self.core, self.config
+        sweep_every = min(1.0, config.session_timeout / 4)
+        now = time.monotonic()
+        next_sweep, next_tick, next_prune = now + sweep_every, now + config.tick_interval, now + PRUNE_EVERY
         try:
             while not self._stopping:
-                timeout_ms = max(0, int((next_sweep - time.monotonic()) * 1000) + 1)
-                ready = poller.poll(timeout_ms)
+                deadline = min(next_sweep, next_tick, next_prune)
+                ready = poller.poll(max(0, int((deadline - time.monotonic()) * 1000) + 1))
                 mono = time.monotonic()
                 core.set_time(time.time(), mono)
                 for sock, _ in ready:
@@ -109,13 +156,26 @@ class Broker:
                         self._drain_xpub()
                     else:
                         self._drain_wakeup()
+                self._commit()
                 if mono >= next_sweep:
                     core.expire_sessions()
                     next_sweep = mono + sweep_every
+                if mono >= next_tick:
+                    core.tick()
+                    next_tick = mono + config.tick_interval
+                if mono >= next_prune:
+                    core.prune(config.retention_messages, config.retention_seconds, PRUNE_BUDGET)
+                    next_prune = mono + PRUNE_EVERY
                 self._flush()
         finally:
             self.close()
         log.info("zchat broker stopped")
+
+    def _commit(self) -> None:
+        if self.core.staged:
+            start = time.perf_counter()
+            self.core.commit()
+            self.last_commit_seconds = time.perf_counter() - start
 
     def _drain_router(self) -> None:
         recv, core = self.router.recv, self.core
@@ -126,7 +186,7 @@ class Broker:
                 return
             frame = recv()  # a ROUTER message is atomic: the body frame is already here
             if self.router.getsockopt(zmq.RCVMORE):
-                core.handle_bad_frames(peer, 2 + self._discard_rest(self.router))
+                core.handle_bad_frames(peer, 1 + self._discard_rest(self.router))
             else:
                 core.handle_request(peer, frame)
 
@@ -136,9 +196,11 @@ class Broker:
             try:
                 message = xpub.recv(zmq.NOBLOCK)
             except zmq.Again:
+                core.xpub_drained()
                 return
             if xpub.getsockopt(zmq.RCVMORE):
                 self._discard_rest(xpub)  # a multipart message from an XSUB: not ours to read
+                core.handle_xpub_junk()
                 continue
             # In manual mode SUBSCRIBE/UNSUBSCRIBE apply to the pipe the last message came from,
             # so the decision must be applied before the next recv.
@@ -157,11 +219,19 @@ class Broker:
         return count
 
     def _drain_wakeup(self) -> None:
-        try:
+        with contextlib.suppress(BlockingIOError):
             while self._wake_r.recv(64):
                 pass
-        except BlockingIOError:
-            pass
+        while True:
+            try:
+                fn, future = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except Exception as exc:  # handed to the submitter, who re-raises it
+                    future.set_exception(exc)
 
     def _flush(self) -> None:
         replies, publishes = self.core.take_output()
@@ -175,11 +245,14 @@ class Broker:
             send(frame)
 
     def close(self) -> None:
-        """Close the sockets (delivering queued frames for up to LINGER_MS) and the context."""
+        """Close the sockets (delivering queued frames for up to LINGER_MS), store and context."""
+        if self._closed:
+            return
+        self._closed = True
         for sock in (self.router, self.xpub):
-            if not sock.closed:
-                sock.close()
+            sock.close()
+        self.store.close()
         self._wake_r.close()
         self._wake_w.close()
-        if self._own_context and not self._ctx.closed:
+        if self._own_context:
             self._ctx.term()

@@ -1,15 +1,22 @@
 """``AsyncClient``: the asyncio front end of the client core.
 
 One DEALER carries requests and their replies; one SUB receives the session's private topic
-and the topics of its rooms. Two reader tasks hand what arrives to the core; a heartbeat task
-pings when the client has been idle for the broker's heartbeat interval, so that a session
-lives as long as its process does.
+and the topics of its rooms. Reader tasks hand what arrives to the core; a heartbeat task
+pings when nothing has been heard for the broker's heartbeat interval; a supervisor task
+reconnects when the broker stops answering or forgets the session.
 
-Every request method waits for the broker's reply and raises
-:class:`~zchat.common.errors.RequestError` for an error reply,
-:class:`~zchat.common.errors.RequestTimeout` when none comes within ``timeout`` seconds.
-``join`` and ``connect`` return only once the new subscription is in force, so nothing
-published after they return is missed.
+Delivery: every message, action and DM carries its channel's sequence number. The core's
+feeds deliver each exactly once and in order; a gap (seen in a later message or in the
+broker's periodic ``tick``) is filled from history. ``join`` delivers the room's recent
+history before its live traffic; after a reconnect every room and the DM inbox are filled
+from the last message seen.
+
+Sending: ``say`` and ``dm`` carry a client message id; if the broker does not answer, or
+the connection is lost, the same request is sent again (flagged as a resend) until it is
+acknowledged or ``send_timeout`` passes. The broker stores a resent message once.
+
+Every request method raises :class:`~zchat.common.errors.RequestError` for an error reply
+and :class:`~zchat.common.errors.RequestTimeout` when no reply comes in time.
 """
 
 from __future__ import annotations
@@ -17,7 +24,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+import random
+from collections.abc import AsyncIterator, Callable, Iterator
 from enum import Enum
 from types import TracebackType
 from typing import Any, TypeVar
@@ -34,6 +42,8 @@ from zchat.common.protocol import (
     ErrorReply,
     Event,
     Hello,
+    History,
+    HistoryPage,
     Join,
     Joined,
     Leave,
@@ -54,7 +64,7 @@ from zchat.common.protocol import (
     Who,
 )
 
-from .core import ClientCore, raise_for_error
+from .core import DM, ClientCore, raise_for_error
 
 log = logging.getLogger("zchat.client")
 
@@ -66,8 +76,23 @@ class ClientState(Enum):
 
     DISCONNECTED = "disconnected"  # not connected yet
     CONNECTED = "connected"
-    LOST = "lost"  # the broker stopped answering, or forgot the session
+    RECONNECTING = "reconnecting"  # lost the broker or the session; trying again
     CLOSED = "closed"
+
+
+def backoff(initial: float = 0.1, factor: float = 2.0, maximum: float = 5.0) -> Iterator[float]:
+    """Delays between reconnection attempts: exponential, capped, with full jitter."""
+    delay = initial
+    while True:
+        yield random.uniform(0, delay)
+        delay = min(delay * factor, maximum)
+
+
+def worth_retrying(exc: BaseException) -> bool:
+    """Whether a failed send may succeed if tried again after a reconnect."""
+    if isinstance(exc, RequestTimeout | ConnectionClosed):
+        return True
+    return isinstance(exc, RequestError) and exc.code is ErrorCode.NO_SESSION
 
 
 class AsyncClient:
@@ -77,8 +102,13 @@ class AsyncClient:
         router: the broker's ROUTER endpoint.
         pub: the broker's XPUB endpoint.
         timeout: seconds to wait for each reply.
+        history: messages of a room's history delivered when joining it (the broker caps it).
+        send_timeout: seconds ``say``/``dm`` keep resending before giving up.
+        client_id: this client's identity; pass the same one after a restart to make resends
+            of messages sent before it recognisable (default: a fresh random one).
+        on_state: called with the new :class:`ClientState` whenever it changes.
         max_queued_events: events held for :meth:`recv_event` before reading pauses (the
-            broker then drops for this client, never for others).
+            broker then drops for this client, and gap repair fetches what was dropped).
         context: a ``zmq.asyncio.Context`` to share; by default the client owns one.
     """
 
@@ -88,21 +118,32 @@ class AsyncClient:
         pub: str = DEFAULT_PUB,
         *,
         timeout: float = 5.0,
+        history: int = 50,
+        send_timeout: float = 30.0,
+        client_id: str | None = None,
+        on_state: Callable[[ClientState], None] | None = None,
         max_queued_events: int = 10_000,
         context: zmq.asyncio.Context | None = None,
     ) -> None:
         self.router, self.pub, self.timeout = router, pub, timeout
-        self.core = ClientCore()
+        self.join_history, self.send_timeout = history, send_timeout
+        self.core = ClientCore(client_id)
         self.state = ClientState.DISCONNECTED
+        self._on_state = on_state
         self._own_context = context is None
         self._ctx = context or zmq.asyncio.Context()
         self._dealer: zmq.asyncio.Socket | None = None
         self._sub: zmq.asyncio.Socket | None = None
         self._waiters: dict[int, asyncio.Future[Reply]] = {}
-        self._syncs: dict[str, asyncio.Future[None]] = {}
+        self._syncs: dict[str, asyncio.Future[int]] = {}
         self._events: asyncio.Queue[Event | None] = asyncio.Queue(max_queued_events)
+        self._io_tasks: list[asyncio.Task[None]] = []
         self._tasks: list[asyncio.Task[None]] = []
-        self._last_sent = 0.0
+        self._fills: dict[str, asyncio.Task[None]] = {}
+        self._connected = asyncio.Event()
+        self._lost = asyncio.Event()
+        self._last_heard = 0.0
+        self._wanted_nick = ""
 
     # -- session -----------------------------------------------------------------------------
 
@@ -116,25 +157,40 @@ class AsyncClient:
         """The rooms this session is in."""
         return list(self.core.rooms)
 
+    @property
+    def client_id(self) -> str:
+        """This client's identity (keep it to resend after a restart)."""
+        return self.core.client_id
+
     async def connect(self, nick: str) -> Welcome:
         """Open the sockets and a session called ``nick``; return the broker's welcome."""
         if self.state is not ClientState.DISCONNECTED:
             raise RuntimeError(f"connect() on a client that is {self.state.value}")
-        self._open_sockets()
+        self._wanted_nick = nick
         try:
-            welcome = await self._call(Welcome, Hello, nick)
-            await self._subscribe(welcome.topic.encode())
+            welcome = await self._open_session(nick)
         except BaseException:
-            await self._close_sockets()  # back to DISCONNECTED: connect() may be tried again
+            await self._close_sockets()  # still DISCONNECTED: connect() may be tried again
             raise
-        self.state = ClientState.CONNECTED
-        self._tasks.append(asyncio.create_task(self._heartbeat(), name="zchat-heartbeat"))
+        self._set_state(ClientState.CONNECTED)
+        self._tasks = [
+            asyncio.create_task(self._heartbeat(), name="zchat-heartbeat"),
+            asyncio.create_task(self._supervise(), name="zchat-supervisor"),
+        ]
         return welcome
 
-    async def join(self, room: str) -> Joined:
-        """Join ``room``; return once its events are being received."""
+    async def join(self, room: str, *, history: int | None = None) -> Joined:
+        """Join ``room``; return once its recent history is delivered and its events flow.
+
+        ``history`` overrides the client's default number of past messages to deliver.
+        """
+        known_topics = set(self.core.rooms.values())
         joined = await self._call(Joined, Join, room)
-        await self._subscribe(joined.topic.encode())
+        if joined.topic.encode() not in known_topics:
+            await self._subscribe(joined.topic.encode())
+        count = self.join_history if history is None else history
+        self.core.open_feed(joined.room, joined.seq, min(count, self.core.max_page))
+        await self._fill(joined.room)
         return joined
 
     async def leave(self, room: str) -> None:
@@ -145,13 +201,19 @@ class AsyncClient:
         if topic is not None and self._sub is not None:
             self._sub.unsubscribe(topic)
 
-    async def say(self, room: str, text: str, *, action: bool = False) -> Sent:
-        """Send ``text`` to ``room`` (a ``/me`` action if ``action``); return its id and time."""
-        return await self._call(Sent, Say, room, text, action)
+    async def say(self, room: str, text: str, *, action: bool = False, cmid: str | None = None) -> Sent:
+        """Send ``text`` to ``room`` (a ``/me`` action if ``action``); return its id and seq.
 
-    async def dm(self, nick: str, text: str, *, action: bool = False) -> Sent:
-        """Send ``text`` privately to ``nick``."""
-        return await self._call(Sent, Dm, nick, text, action)
+        ``cmid`` (default: a fresh one) makes resends recognisable; the same ``cmid`` sent
+        again by this client is answered with the original message, not stored twice.
+        """
+        cmid = cmid or self.core.new_cmid()
+        return await self._send(lambda retry: (Say, room, text, action, cmid, retry))
+
+    async def dm(self, nick: str, text: str, *, action: bool = False, cmid: str | None = None) -> Sent:
+        """Send ``text`` privately to ``nick`` (resent like :meth:`say`)."""
+        cmid = cmid or self.core.new_cmid()
+        return await self._send(lambda retry: (Dm, nick, text, action, cmid, retry))
 
     async def who(self, room: str) -> list[str]:
         """The nicks of ``room``'s members."""
@@ -163,7 +225,20 @@ class AsyncClient:
 
     async def nick(self, new_nick: str) -> str:
         """Change this session's nick; return it as the broker has it."""
-        return (await self._call(NickChanged, Nick, new_nick)).nick
+        nick = (await self._call(NickChanged, Nick, new_nick)).nick
+        self._wanted_nick = nick
+        return nick
+
+    async def history(
+        self, room: str | None = None, *, before: int | None = None, after: int | None = None, limit: int = 50
+    ) -> list[Event]:
+        """A page of stored messages of ``room`` (or of this client's DMs when None).
+
+        Without ``before``/``after``: the newest ``limit``. With ``before``: the ``limit``
+        before that seq (scroll back). With ``after``: the ``limit`` after it. In seq order.
+        """
+        page = await self._call(HistoryPage, History, room, room is None, before, after, limit)
+        return list(page.events)
 
     async def ping(self) -> float:
         """Round trip to the broker, in seconds."""
@@ -176,10 +251,22 @@ class AsyncClient:
         """Say bye (if connected), then close the sockets. Safe to call twice."""
         if self.state is ClientState.CLOSED:
             return
+        for task in [*self._tasks, *self._fills.values()]:
+            task.cancel()
+        for task in [*self._tasks, *self._fills.values()]:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks, self._fills = [], {}
         if self.state is ClientState.CONNECTED:
-            with contextlib.suppress(RequestTimeout, ConnectionClosed, ProtocolError):
-                await self._request(Bye)
-        await self._shutdown()
+            with contextlib.suppress(RequestTimeout, ConnectionClosed, ProtocolError, RequestError):
+                await self._request(Bye, wait=False, timeout=min(self.timeout, 1.0))
+        await self._close_sockets()
+        self._set_state(ClientState.CLOSED)
+        if self._events.full():
+            self._events.get_nowait()
+        self._events.put_nowait(None)  # wakes every reader of events()
+        if self._own_context:
+            self._ctx.term()
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -207,76 +294,258 @@ class AsyncClient:
         return event
 
     async def events(self) -> AsyncIterator[Event]:
-        """Every event, in arrival order, until the client is closed."""
+        """Every event, in order, until the client is closed."""
         while True:
             try:
                 yield await self.recv_event()
             except ConnectionClosed:
                 return
 
-    # -- internals ---------------------------------------------------------------------------
+    # -- requests ----------------------------------------------------------------------------
 
-    def _open_sockets(self) -> None:
-        dealer = self._ctx.socket(zmq.DEALER)
-        sub = self._ctx.socket(zmq.SUB)
-        for sock in (dealer, sub):
-            sock.setsockopt(zmq.LINGER, 0)
-            if sock is dealer:
-                sock.connect(self.router)
-            else:
-                sock.connect(self.pub)
-        self._dealer, self._sub = dealer, sub
-        self._tasks = [
-            asyncio.create_task(self._read_replies(dealer), name="zchat-replies"),
-            asyncio.create_task(self._read_events(sub), name="zchat-events"),
-        ]
+    async def _request(
+        self, cls: type[Request], *args: Any, wait: bool = True, timeout: float | None = None
+    ) -> Reply:
+        """Send a request and wait for its reply; raise for an error reply.
 
-    async def _request(self, cls: type[Request], *args: Any) -> Reply:
-        """Send a request and wait for its reply; raise for an error reply."""
-        if self._dealer is None or self.state is ClientState.CLOSED:
+        With ``wait`` (the default for callers' requests) it first waits for a reconnection
+        in progress to finish; the reconnection's own requests pass ``wait=False``.
+        """
+        timeout = self.timeout if timeout is None else timeout
+        if wait and not self._connected.is_set():
+            if self.state is ClientState.CLOSED:
+                raise ConnectionClosed("the client is closed")
+            try:
+                await asyncio.wait_for(self._connected.wait(), timeout)
+            except TimeoutError:
+                raise RequestTimeout(cls.KIND.value, timeout) from None
+        if self._dealer is None:
             raise ConnectionClosed("the client is not connected")
         out = self.core.request(cls, *args)
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Reply] = loop.create_future()
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._waiters[out.rid] = future
-        self._last_sent = loop.time()
         try:
             await self._dealer.send(out.frame)
-            reply = await asyncio.wait_for(future, self.timeout)
+            reply = await asyncio.wait_for(future, timeout)
         except TimeoutError:
-            raise RequestTimeout(out.kind, self.timeout) from None
+            raise RequestTimeout(out.kind, timeout) from None
         finally:
             self._waiters.pop(out.rid, None)
+        if type(reply) is ErrorReply and reply.code is ErrorCode.NO_SESSION and wait:
+            self._lose("the broker no longer knows this session")
         return raise_for_error(reply)
 
-    async def _call(self, expect: type[R], cls: type[Request], *args: Any) -> R:
+    async def _call(self, expect: type[R], cls: type[Request], *args: Any, wait: bool = True) -> R:
         """:meth:`_request`, checking that the reply is of type ``expect``."""
-        reply = await self._request(cls, *args)
+        reply = await self._request(cls, *args, wait=wait)
         if not isinstance(reply, expect):
             raise ProtocolError(
                 ErrorCode.INVALID, f"expected a {expect.__name__} reply to {cls.KIND.value!r}, got {reply.KIND.value!r}"
             )
         return reply
 
-    async def _subscribe(self, topic: bytes) -> None:
-        """Subscribe to ``topic`` and wait until the broker has granted it."""
+    async def _send(self, build: Callable[[bool], tuple[Any, ...]]) -> Sent:
+        """Send a say/dm until acknowledged, resending (flagged) after timeouts and reconnects."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.send_timeout
+        retry = False
+        while True:
+            cls, *args = build(retry)
+            try:
+                return await self._call(Sent, cls, *args)
+            except (RequestTimeout, ConnectionClosed, RequestError) as exc:
+                if not worth_retrying(exc) or self.state is ClientState.CLOSED or loop.time() >= deadline:
+                    raise
+                log.info("resending %s after: %s", cls.KIND.value, exc)
+                retry = True
+                await self._probe()
+
+    # -- subscriptions and delivery ----------------------------------------------------------
+
+    async def _sync(self, timeout: float) -> int:
+        """Ask for a sync marker behind every subscription sent so far; return its epoch."""
         assert self._sub is not None
-        self._sub.subscribe(topic)
         nonce, request = self.core.new_sync()
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._syncs[nonce] = future
         self._sub.subscribe(request)
         try:
-            await asyncio.wait_for(future, self.timeout)
-        except TimeoutError:
-            raise RequestTimeout("subscribe", self.timeout) from None
+            return await asyncio.wait_for(future, timeout)
         finally:
             self._syncs.pop(nonce, None)
-            self._sub.unsubscribe(request)
+            if self._sub is not None:
+                self._sub.unsubscribe(request)
+
+    async def _subscribe(self, topic: bytes) -> None:
+        """Subscribe to ``topic`` and return once the broker has granted it.
+
+        The broker answers a sync only when it could place every subscription before it;
+        if its epoch moved since the last sync (it could not place some subscription in
+        between) or no answer comes, the subscription is sent again.
+        """
+        assert self._sub is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        attempt = 0.25
+        self._sub.subscribe(topic)
+        while True:
+            try:
+                epoch = await self._sync(min(attempt, max(0.01, deadline - loop.time())))
+                if epoch == self.core.sync_epoch or topic == self.core.topic:
+                    self.core.sync_epoch = epoch  # the private topic proves itself: the sync came on it
+                    return
+                self.core.sync_epoch = epoch
+            except TimeoutError:
+                if loop.time() >= deadline:
+                    raise RequestTimeout("subscribe", self.timeout) from None
+                attempt *= 2
+            self._sub.unsubscribe(topic)
+            self._sub.subscribe(topic)
+
+    async def _fill(self, key: str) -> None:
+        """Fetch what the feed ``key`` misses, page by page, delivering as it comes."""
+        feed = self.core.feeds.get(key)
+        room = None if key == DM else key
+        while feed is not None and (after := feed.gap()) is not None:
+            page = await self._call(HistoryPage, History, room, room is None, None, after, self.core.max_page)
+            for event in self.core.accept_history(key, after, page):
+                await self._events.put(event)
+            if not page.more and feed.gap() == after:
+                break  # nothing more to have (it may come with a later tick)
+            feed = self.core.feeds.get(key)
+
+    def _schedule_fill(self, key: str) -> None:
+        if key in self._fills or not self._connected.is_set():
+            return
+
+        async def fill() -> None:
+            try:
+                await self._fill(key)
+            except (RequestTimeout, RequestError, ConnectionClosed) as exc:
+                log.info("could not fetch missed messages of %s yet: %s", key, exc)
+            finally:
+                self._fills.pop(key, None)
+
+        self._fills[key] = asyncio.create_task(fill(), name=f"zchat-fill-{key}")
+
+    # -- connection --------------------------------------------------------------------------
+
+    def _set_state(self, state: ClientState) -> None:
+        if state is self.state:
+            return
+        self.state = state
+        if state is ClientState.CONNECTED:
+            self._connected.set()
+        else:
+            self._connected.clear()
+        if self._on_state is not None:
+            self._on_state(state)
+
+    async def _open_session(self, nick: str) -> Welcome:
+        self._open_sockets()
+        welcome = await self._call(Welcome, Hello, nick, self.core.client_id, wait=False)
+        self.core.sync_epoch = None
+        await self._subscribe(welcome.topic.encode())
+        return welcome
+
+    def _open_sockets(self) -> None:
+        dealer = self._ctx.socket(zmq.DEALER)
+        sub = self._ctx.socket(zmq.SUB)
+        dealer.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.LINGER, 0)
+        dealer.connect(self.router)
+        sub.connect(self.pub)
+        self._dealer, self._sub = dealer, sub
+        self._last_heard = asyncio.get_running_loop().time()
+        self._io_tasks = [
+            asyncio.create_task(self._read_replies(dealer), name="zchat-replies"),
+            asyncio.create_task(self._read_events(sub), name="zchat-events"),
+        ]
+
+    async def _close_sockets(self) -> None:
+        tasks, self._io_tasks = self._io_tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        futures: list[asyncio.Future[Any]] = [*self._waiters.values(), *self._syncs.values()]
+        for future in futures:
+            if not future.done():
+                future.set_exception(ConnectionClosed("the connection was closed"))
+        for sock in (self._dealer, self._sub):
+            if sock is not None:
+                sock.close(linger=0)
+        self._dealer = self._sub = None
+
+    def _lose(self, why: str) -> None:
+        """The broker stopped answering or forgot us: let the supervisor reconnect."""
+        if self.state is ClientState.CONNECTED:
+            log.warning("lost the broker (%s); reconnecting", why)
+            self._set_state(ClientState.RECONNECTING)
+            self._lost.set()
+
+    async def _probe(self) -> None:
+        """After a failed send: check the broker is there; wait out a reconnection."""
+        if self.state is ClientState.CONNECTED:
+            try:
+                await self._request(Ping, wait=False)
+            except (RequestTimeout, ConnectionClosed):
+                self._lose("no answer to a ping")
+            except RequestError:
+                pass  # no_session already triggered the reconnection
+        if self.state is ClientState.RECONNECTING:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._connected.wait(), self.send_timeout)
+
+    async def _supervise(self) -> None:
+        while True:
+            await self._lost.wait()
+            self._lost.clear()
+            await self._reconnect()
+
+    async def _reconnect(self) -> None:
+        """New sockets, hello with the same identity, rejoin, resubscribe and backfill."""
+        for delay in backoff():
+            await self._close_sockets()
+            try:
+                await self._open_session(self._wanted_nick)
+                for room in list(self.core.rooms):
+                    joined = await self._call(Joined, Join, room, wait=False)
+                    await self._subscribe(joined.topic.encode())
+                    self.core.open_feed(joined.room, joined.seq, 0)
+                self._set_state(ClientState.CONNECTED)
+                log.info("reconnected as %s", self.core.nick)
+                for key in list(self.core.feeds):
+                    self._schedule_fill(key)
+                return
+            except RequestError as exc:
+                if exc.code is ErrorCode.NICK_TAKEN:  # taken while we were away, as IRC clients do
+                    self._wanted_nick = (self._wanted_nick + "_")[-32:]
+                log.info("reconnection refused (%s); next try in %.1f s", exc, delay)
+            except (RequestTimeout, ConnectionClosed) as exc:
+                log.info("reconnection failed (%s); next try in %.1f s", exc, delay)
+            await asyncio.sleep(delay)
+
+    async def _heartbeat(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            interval = self.core.heartbeat
+            await asyncio.sleep(max(0.05, self._last_heard + interval - loop.time()))
+            if self.state is not ClientState.CONNECTED or loop.time() - self._last_heard < interval:
+                continue
+            try:
+                await self._request(Ping, wait=False)
+            except (RequestTimeout, ConnectionClosed):
+                self._lose("no answer to a ping")
+            except RequestError as exc:  # no_session: the broker forgot us (it restarted?)
+                self._lose(exc.reason)
 
     async def _read_replies(self, dealer: zmq.asyncio.Socket) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             frame = await dealer.recv()
+            self._last_heard = loop.time()
             try:
                 reply = self.core.receive_reply(frame)
             except ProtocolError as exc:
@@ -299,51 +568,11 @@ class AsyncClient:
             if event.kind is EventKind.SYNC:
                 future = self._syncs.pop(event.text, None)
                 if future is not None and not future.done():
-                    future.set_result(None)
+                    future.set_result(event.seq or 0)
                 continue
-            await self._events.put(event)
-
-    async def _heartbeat(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            interval = self.core.heartbeat
-            await asyncio.sleep(max(0.05, self._last_sent + interval - loop.time()))
-            if loop.time() - self._last_sent < interval:
-                continue
-            try:
-                await self._call(Pong, Ping)
-            except (RequestTimeout, ProtocolError) as exc:
-                log.warning("lost the broker: %s", exc)
-                self.state = ClientState.LOST
-                return
-            except RequestError as exc:  # no_session: the broker no longer knows this session
-                log.warning("the broker ended this session: %s", exc)
-                self.state = ClientState.LOST
-                return
-
-    async def _close_sockets(self) -> None:
-        current = asyncio.current_task()
-        tasks = [task for task in self._tasks if task is not current]
-        self._tasks = []
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        futures: list[asyncio.Future[Any]] = [*self._waiters.values(), *self._syncs.values()]
-        for future in futures:
-            if not future.done():
-                future.set_exception(ConnectionClosed("the client was closed"))
-        for sock in (self._dealer, self._sub):
-            if sock is not None:
-                sock.close(linger=0)
-        self._dealer = self._sub = None
-
-    async def _shutdown(self) -> None:
-        await self._close_sockets()
-        self.state = ClientState.CLOSED
-        if self._events.full():
-            self._events.get_nowait()
-        self._events.put_nowait(None)  # wakes every reader of events()
-        if self._own_context:
-            self._ctx.term()
+            for delivered in self.core.accept(event):
+                await self._events.put(delivered)
+            key = DM if event.room is None else event.room
+            feed = self.core.feeds.get(key)
+            if feed is not None and feed.gap() is not None:
+                self._schedule_fill(key)

@@ -1,9 +1,11 @@
-"""The client's sans-I/O core: request ids, session state and decoding.
+"""The client's sans-I/O core: request ids, session state, and exactly-once delivery.
 
 Front ends (:class:`~zchat.client.aio.AsyncClient`, :class:`~zchat.client.sync.Client`) ask
-the core for a request frame, send it, and hand back whatever their sockets receive; the
+the core for request frames, send them, and hand back whatever their sockets receive; the
 core decodes, keeps the session's state (nick, private topic, rooms and their topics) and
-tells them which topics to subscribe to. It opens no socket.
+puts every sequenced event through a :class:`Feed`, which delivers each message exactly once
+and in sequence order, holding early ones back and saying which ranges to fetch. It opens
+no socket.
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from zchat.common.codec import decode_event, decode_reply, encode
-from zchat.common.codes import ErrorCode
+from zchat.common.codes import ErrorCode, EventKind
 from zchat.common.errors import ProtocolError, RequestError
 from zchat.common.protocol import (
+    STORED_KINDS,
     ErrorReply,
     Event,
     Goodbye,
+    HistoryPage,
     Joined,
     Left,
     NickChanged,
@@ -28,6 +32,9 @@ from zchat.common.protocol import (
     Welcome,
 )
 from zchat.common.topics import sync_subscription
+
+#: The feed key of this client's DM inbox (rooms use their name).
+DM = "@dm"
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,30 +46,88 @@ class Outgoing:
     kind: str
 
 
+class Feed:
+    """One channel's sequenced events, delivered exactly once and in order.
+
+    ``last`` is the seq of the last event delivered; ``known`` the highest seq known to
+    exist (from events, ticks and replies). While ``known > last`` something is missing and
+    :meth:`gap` says where to fetch from.
+    """
+
+    def __init__(self, last: int = 0) -> None:
+        self.last = last
+        self.known = last
+        self._held: dict[int, Event] = {}
+
+    def offer(self, event: Event) -> list[Event]:
+        """Take ``event``; return the events now deliverable, in order (maybe none)."""
+        seq = event.seq
+        assert seq is not None
+        self.known = max(self.known, seq)
+        if seq <= self.last or seq in self._held:
+            return []  # a duplicate: delivered already, or already waiting
+        self._held[seq] = event
+        return self._release()
+
+    def note(self, seq: int) -> None:
+        """Learn that ``seq`` exists (a tick, a join or history reply)."""
+        self.known = max(self.known, seq)
+
+    def skip_to(self, seq: int) -> list[Event]:
+        """Everything up to ``seq`` is gone for good (retention): stop waiting for it."""
+        if seq > self.last:
+            self.last = seq
+            for old in [s for s in self._held if s <= seq]:
+                del self._held[old]
+        return self._release()
+
+    def gap(self) -> int | None:
+        """The seq to fetch after, if anything is missing; else None."""
+        return self.last if self.known > self.last else None
+
+    def _release(self) -> list[Event]:
+        out: list[Event] = []
+        while (event := self._held.pop(self.last + 1, None)) is not None:
+            out.append(event)
+            self.last += 1
+        return out
+
+
 class ClientCore:
     """State of one client session, independent of any socket.
 
     Attributes:
+        client_id: this client's identity, a secret kept across reconnects (resends are
+            recognised by it; a live session is resumed with it).
         nick: the session's nick once welcomed, else None.
         topic: the session's private topic once welcomed, else None.
         rooms: room name -> room topic, for every room joined.
-        heartbeat: how often to ping when idle (from the welcome).
-        motd: the broker's message of the day.
+        feeds: feed key (room name, or :data:`DM`) -> its :class:`Feed`.
+        heartbeat, session_timeout, motd, max_page: from the welcome.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, client_id: str | None = None) -> None:
         self._rids = itertools.count(1)
+        self.client_id = client_id or secrets.token_urlsafe(24)
         self.nick: str | None = None
         self.topic: bytes | None = None
         self.rooms: dict[str, bytes] = {}
+        self.feeds: dict[str, Feed] = {}
         self.heartbeat = 5.0
         self.session_timeout = 15.0
+        self.max_page = 200
         self.motd = ""
+        self.sync_epoch: int | None = None
 
-    def request(self, cls: type[Request], *args: Any) -> Outgoing:
+    def request(self, cls: type[Request], *args: Any, **kwargs: Any) -> Outgoing:
         """Build and encode a request of type ``cls`` with a fresh request id."""
         rid = next(self._rids)
-        return Outgoing(rid, encode(cls(rid, *args)), cls.KIND.value)
+        return Outgoing(rid, encode(cls(rid, *args, **kwargs)), cls.KIND.value)
+
+    @staticmethod
+    def new_cmid() -> str:
+        """A fresh client message id."""
+        return secrets.token_urlsafe(12)
 
     def receive_reply(self, frame: bytes) -> Reply:
         """Decode a reply frame and apply it to the session state.
@@ -74,15 +139,30 @@ class ClientCore:
         if type(reply) is Welcome:
             self.nick, self.topic = reply.nick, reply.topic.encode()
             self.heartbeat, self.session_timeout, self.motd = reply.heartbeat, reply.timeout, reply.motd
+            self.max_page = reply.max_page
+            self.feeds.setdefault(DM, Feed(reply.dm_seq)).note(reply.dm_seq)
         elif type(reply) is Joined:
             self.rooms[reply.room] = reply.topic.encode()
         elif type(reply) is Left:
             self.rooms.pop(reply.room, None)
+            self.feeds.pop(reply.room, None)
         elif type(reply) is NickChanged:
             self.nick = reply.nick
         elif type(reply) is Goodbye:
             self.reset()
         return reply
+
+    def open_feed(self, room: str, seq: int, history: int) -> Feed:
+        """The feed of a room just joined whose last seq is ``seq``.
+
+        A new feed starts ``history`` messages back; a feed kept from before a reconnect
+        carries on from where it was, so everything missed is fetched.
+        """
+        feed = self.feeds.get(room)
+        if feed is None:
+            feed = self.feeds[room] = Feed(max(0, seq - history))
+        feed.note(seq)
+        return feed
 
     def receive_event(self, frames: list[bytes]) -> Event:
         """Decode a publication (topic frame, envelope frame).
@@ -94,11 +174,43 @@ class ClientCore:
             raise ProtocolError(ErrorCode.BAD_FRAMES, f"a publication is 2 frames, not {len(frames)}")
         return decode_event(frames[1])
 
+    def accept(self, event: Event) -> list[Event]:
+        """What the application should see of ``event``: it, nothing, or held-back events."""
+        key = DM if event.room is None else event.room
+        if event.room is not None and event.room not in self.rooms:
+            return []  # in flight when we left
+        if event.kind is EventKind.TICK:
+            feed = self.feeds.get(key)
+            if feed is not None and event.seq is not None:
+                feed.note(event.seq)
+            return []
+        if event.kind in STORED_KINDS and event.seq is not None:
+            feed = self.feeds.get(key)
+            return [event] if feed is None else feed.offer(event)
+        return [event]
+
+    def accept_history(self, key: str, after: int, page: HistoryPage) -> list[Event]:
+        """Feed a page fetched with ``after``; return what became deliverable."""
+        feed = self.feeds.get(key)
+        if feed is None:
+            return []
+        feed.note(page.seq)
+        out: list[Event] = []
+        first = page.events[0].seq if page.events else None
+        if first is not None and first > after + 1:
+            out += feed.skip_to(first - 1)  # older messages were pruned
+        elif first is None and page.seq > feed.last:
+            out += feed.skip_to(page.seq)  # everything after `after` was pruned
+        for event in page.events:
+            out += feed.offer(event)
+        return out
+
     def new_sync(self) -> tuple[str, bytes]:
         """A fresh nonce and the subscription that asks the broker to echo it.
 
         Subscribe to the returned bytes after other subscriptions; when a ``sync`` event with
-        this nonce arrives on the private topic, those subscriptions are in force.
+        this nonce arrives on the private topic, those subscriptions are in force (as long
+        as the event's epoch, its ``seq``, is the one seen before them).
         """
         if self.topic is None:
             raise RuntimeError("sync needs a session: connect first")
@@ -106,10 +218,11 @@ class ClientCore:
         return nonce, sync_subscription(self.topic, nonce)
 
     def reset(self) -> None:
-        """Forget the session (after bye, or when the broker has forgotten it)."""
+        """Forget the session (after bye). Feeds are kept only across reconnects."""
         self.nick = None
         self.topic = None
         self.rooms.clear()
+        self.feeds.clear()
 
 
 def raise_for_error(reply: Reply) -> Reply:

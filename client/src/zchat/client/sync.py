@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -31,6 +31,10 @@ class Client:
         pub: str = DEFAULT_PUB,
         *,
         timeout: float = 5.0,
+        history: int = 50,
+        send_timeout: float = 30.0,
+        client_id: str | None = None,
+        on_state: Callable[[ClientState], None] | None = None,
         max_queued_events: int = 10_000,
     ) -> None:
         self._loop = asyncio.new_event_loop()
@@ -38,7 +42,16 @@ class Client:
         self._thread.start()
 
         async def make() -> AsyncClient:
-            return AsyncClient(router, pub, timeout=timeout, max_queued_events=max_queued_events)
+            return AsyncClient(
+                router,
+                pub,
+                timeout=timeout,
+                history=history,
+                send_timeout=send_timeout,
+                client_id=client_id,
+                on_state=on_state,
+                max_queued_events=max_queued_events,
+            )
 
         self._client = self._run(make())
 
@@ -60,20 +73,29 @@ class Client:
     def joined(self) -> list[str]:
         return self._client.joined
 
+    @property
+    def client_id(self) -> str:
+        return self._client.client_id
+
     def connect(self, nick: str) -> Welcome:
         return self._run(self._client.connect(nick))
 
-    def join(self, room: str) -> Joined:
-        return self._run(self._client.join(room))
+    def join(self, room: str, *, history: int | None = None) -> Joined:
+        return self._run(self._client.join(room, history=history))
 
     def leave(self, room: str) -> None:
         self._run(self._client.leave(room))
 
-    def say(self, room: str, text: str, *, action: bool = False) -> Sent:
-        return self._run(self._client.say(room, text, action=action))
+    def say(self, room: str, text: str, *, action: bool = False, cmid: str | None = None) -> Sent:
+        return self._run(self._client.say(room, text, action=action, cmid=cmid))
 
-    def dm(self, nick: str, text: str, *, action: bool = False) -> Sent:
-        return self._run(self._client.dm(nick, text, action=action))
+    def dm(self, nick: str, text: str, *, action: bool = False, cmid: str | None = None) -> Sent:
+        return self._run(self._client.dm(nick, text, action=action, cmid=cmid))
+
+    def history(
+        self, room: str | None = None, *, before: int | None = None, after: int | None = None, limit: int = 50
+    ) -> list[Event]:
+        return self._run(self._client.history(room, before=before, after=after, limit=limit))
 
     def who(self, room: str) -> list[str]:
         return self._run(self._client.who(room))

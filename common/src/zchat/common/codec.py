@@ -41,8 +41,9 @@ def _unpack_map(data: bytes, max_size: int) -> dict[str, Any]:
         raise ProtocolError(ErrorCode.MALFORMED, f"not a msgpack value: {exc}") from None
     if type(obj) is not dict:
         raise ProtocolError(ErrorCode.MALFORMED, "envelope must be a msgpack map")
-    # Keys are str or bytes (strict_map_key); a bytes key never matches a field name, so a
-    # field given under one is reported missing by the field readers.
+    for key in obj:  # strict_map_key lets bytes keys through; envelopes have str keys only
+        if type(key) is not str:
+            raise ProtocolError(ErrorCode.MALFORMED, "envelope keys must be strings")
     return obj
 
 

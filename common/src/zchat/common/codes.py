@@ -21,6 +21,7 @@ class RequestKind(StrEnum):
     NICK = "nick"
     PING = "ping"
     BYE = "bye"
+    HISTORY = "history"
 
 
 class ReplyKind(StrEnum):
@@ -35,6 +36,7 @@ class ReplyKind(StrEnum):
     NICK = "nick"  # nick
     PONG = "pong"  # ping
     GOODBYE = "goodbye"  # bye
+    HISTORY = "history"  # history
     ERROR = "error"  # any request
 
 
@@ -48,6 +50,7 @@ class EventKind(StrEnum):
     NICK = "nick"
     DM = "dm"
     SYNC = "sync"
+    TICK = "tick"
 
 
 class ErrorCode(StrEnum):
@@ -72,3 +75,5 @@ class ErrorCode(StrEnum):
     NOT_MEMBER = "not_member"
     TOO_MANY_ROOMS = "too_many_rooms"
     SERVER_FULL = "server_full"  # the broker's session limit is reached
+    # The broker cannot do it now; retry after retry_after seconds.
+    UNAVAILABLE = "unavailable"  # the message store refused the write (disk full, I/O error)

@@ -31,8 +31,21 @@ _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 RESERVED_NICKS = frozenset({"server", "broker", "system", "zchat"})
 
 
+#: Letters and marks that render as nothing (Unicode Default_Ignorable_Code_Point minus the
+#: format characters, which the category check already refuses): a name holding one would
+#: look exactly like another name.
+_INVISIBLE = frozenset(
+    chr(c)
+    for lo, hi in (
+        (0x034F, 0x034F), (0x115F, 0x1160), (0x17B4, 0x17B5), (0x180B, 0x180F), (0x3164, 0x3164),
+        (0xFE00, 0xFE0F), (0xFFA0, 0xFFA0), (0xE0100, 0xE01EF),
+    )
+    for c in range(lo, hi + 1)
+)
+
+
 def _allowed(ch: str) -> bool:
-    return ch in _PUNCTUATION or unicodedata.category(ch)[0] in "LMN"
+    return ch in _PUNCTUATION or (unicodedata.category(ch)[0] in "LMN" and ch not in _INVISIBLE)
 
 
 def _check_chars(name: str, what: str, code: ErrorCode) -> None:

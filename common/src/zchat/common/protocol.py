@@ -85,6 +85,18 @@ def get_str_list(m: Map, field: str, rid: int | None = None) -> tuple[str, ...]:
     return tuple(value)
 
 
+_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
+MIN_CLIENT_ID, MAX_CLIENT_ID, MAX_CMID = 16, 64, 64
+
+
+def _token(m: Map, field: str, rid: int, low: int, high: int) -> str | None:
+    """An optional ASCII token field (letters, digits, _ and -), ``low`` to ``high`` long."""
+    value = get_opt_str(m, field, rid)
+    if value is not None and not (low <= len(value) <= high and _ID_CHARS.issuperset(value)):
+        raise _invalid(field, f"{low} to {high} letters, digits, _ or -", rid)
+    return value
+
+
 def _text(m: Map, rid: int, limits: Limits) -> str:
     text = get_str(m, "text", rid)
     check_text(text, limits.max_text)
@@ -98,6 +110,15 @@ def _header(kind: RequestKind | ReplyKind, rid: int | None) -> Map:
 # -- requests -----------------------------------------------------------------------------
 
 
+def _put_send_flags(out: Map, action: bool, cmid: str | None, retry: bool) -> None:
+    if action:
+        out["action"] = True
+    if cmid is not None:
+        out["cmid"] = cmid
+    if retry:
+        out["retry"] = True
+
+
 @dataclass(slots=True)
 class Hello:
     """Open a session under ``nick``."""
@@ -105,13 +126,18 @@ class Hello:
     KIND: ClassVar[RequestKind] = RequestKind.HELLO
     rid: int
     nick: str
+    client: str | None = None  # the client's identity, a secret it keeps across reconnects
 
     @classmethod
     def from_map(cls, m: Map, rid: int, limits: Limits = DEFAULT_LIMITS) -> Hello:
-        return cls(rid, normalize_nick(get_str(m, "nick", rid), limits.max_nick))
+        nick = normalize_nick(get_str(m, "nick", rid), limits.max_nick)
+        return cls(rid, nick, _token(m, "client", rid, MIN_CLIENT_ID, MAX_CLIENT_ID))
 
     def to_map(self) -> Map:
-        return {**_header(self.KIND, self.rid), "nick": self.nick}
+        out = {**_header(self.KIND, self.rid), "nick": self.nick}
+        if self.client is not None:
+            out["client"] = self.client
+        return out
 
 
 @dataclass(slots=True)
@@ -155,6 +181,8 @@ class Say:
     room: str
     text: str
     action: bool = False
+    cmid: str | None = None  # client message id: a resend with the same one is stored once
+    retry: bool = False  # this is a resend of an earlier request with the same cmid
 
     @classmethod
     def from_map(cls, m: Map, rid: int, limits: Limits = DEFAULT_LIMITS) -> Say:
@@ -163,12 +191,13 @@ class Say:
             normalize_room(get_str(m, "room", rid), limits.max_room),
             _text(m, rid, limits),
             get_bool(m, "action", rid),
+            _token(m, "cmid", rid, 1, MAX_CMID),
+            get_bool(m, "retry", rid),
         )
 
     def to_map(self) -> Map:
         out = {"v": PROTOCOL_VERSION, "kind": "say", "rid": self.rid, "room": self.room, "text": self.text}
-        if self.action:
-            out["action"] = True
+        _put_send_flags(out, self.action, self.cmid, self.retry)
         return out
 
 
@@ -181,6 +210,8 @@ class Dm:
     to: str
     text: str
     action: bool = False
+    cmid: str | None = None
+    retry: bool = False
 
     @classmethod
     def from_map(cls, m: Map, rid: int, limits: Limits = DEFAULT_LIMITS) -> Dm:
@@ -189,12 +220,13 @@ class Dm:
             normalize_nick(get_str(m, "to", rid), limits.max_nick),
             _text(m, rid, limits),
             get_bool(m, "action", rid),
+            _token(m, "cmid", rid, 1, MAX_CMID),
+            get_bool(m, "retry", rid),
         )
 
     def to_map(self) -> Map:
         out = {**_header(self.KIND, self.rid), "to": self.to, "text": self.text}
-        if self.action:
-            out["action"] = True
+        _put_send_flags(out, self.action, self.cmid, self.retry)
         return out
 
 
@@ -228,6 +260,46 @@ class Nick:
 
     def to_map(self) -> Map:
         return {**_header(self.KIND, self.rid), "nick": self.nick}
+
+
+@dataclass(slots=True)
+class History:
+    """A page of a room's stored messages (``room``) or of this client's DMs (``dm``).
+
+    With ``after``: the oldest ``limit`` messages with a greater seq (paging forwards, and
+    gap repair). Otherwise the newest ``limit`` messages with a seq below ``before`` (or the
+    newest of all): paging backwards.
+    """
+
+    KIND: ClassVar[RequestKind] = RequestKind.HISTORY
+    rid: int
+    room: str | None = None
+    dm: bool = False
+    before: int | None = None
+    after: int | None = None
+    limit: int | None = None
+
+    @classmethod
+    def from_map(cls, m: Map, rid: int, limits: Limits = DEFAULT_LIMITS) -> History:
+        raw_room = get_opt_str(m, "room", rid)
+        room = None if raw_room is None else normalize_room(raw_room, limits.max_room)
+        dm = get_bool(m, "dm", rid)
+        if (room is None) == (not dm):
+            raise ProtocolError(ErrorCode.INVALID, "give exactly one of 'room' and 'dm': true", rid=rid, field="room")
+        before, after = get_opt_int(m, "before", rid), get_opt_int(m, "after", rid)
+        if before is not None and after is not None:
+            raise ProtocolError(ErrorCode.INVALID, "give at most one of 'before' and 'after'", rid=rid, field="before")
+        return cls(rid, room, dm, before, after, get_opt_int(m, "limit", rid))
+
+    def to_map(self) -> Map:
+        out = _header(self.KIND, self.rid)
+        for key in ("room", "before", "after", "limit"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = value
+        if self.dm:
+            out["dm"] = True
+        return out
 
 
 @dataclass(slots=True)
@@ -266,10 +338,10 @@ class Bye(_Bare):
     KIND: ClassVar[RequestKind] = RequestKind.BYE
 
 
-Request = Hello | Join | Leave | Say | Dm | Who | Rooms | Nick | Ping | Bye
+Request = Hello | Join | Leave | Say | Dm | Who | Rooms | Nick | Ping | Bye | History
 
 REQUEST_TYPES: dict[str, type[Request]] = {
-    cls.KIND.value: cls for cls in (Hello, Join, Leave, Say, Dm, Who, Rooms, Nick, Ping, Bye)
+    cls.KIND.value: cls for cls in (Hello, Join, Leave, Say, Dm, Who, Rooms, Nick, Ping, Bye, History)
 }
 
 
@@ -281,7 +353,11 @@ class Welcome:
     """Reply to ``hello``: the session is open.
 
     ``topic`` is the session's private topic (its DMs arrive there); ``heartbeat`` is how
-    often an idle client should ping, ``timeout`` how long a silent session lives.
+    often an idle client should ping, ``timeout`` how long a silent session lives;
+    ``client`` is the client identity (the one sent, or one made up for the client);
+    ``dm_seq`` the last seq of the client's DM inbox; ``resumed`` is true when the hello
+    took over this client's live session from an earlier connection; ``max_page`` caps
+    ``history`` pages.
     """
 
     KIND: ClassVar[ReplyKind] = ReplyKind.WELCOME
@@ -291,6 +367,10 @@ class Welcome:
     motd: str
     heartbeat: float
     timeout: float
+    client: str = ""
+    dm_seq: int = 0
+    resumed: bool = False
+    max_page: int = 200
 
     @classmethod
     def from_map(cls, m: Map, rid: int) -> Welcome:
@@ -301,6 +381,10 @@ class Welcome:
             get_str(m, "motd"),
             get_float(m, "heartbeat"),
             get_float(m, "timeout"),
+            get_str(m, "client"),
+            get_int(m, "dm_seq"),
+            get_bool(m, "resumed"),
+            get_int(m, "max_page"),
         )
 
     def to_map(self) -> Map:
@@ -311,22 +395,27 @@ class Welcome:
             "motd": self.motd,
             "heartbeat": self.heartbeat,
             "timeout": self.timeout,
+            "client": self.client,
+            "dm_seq": self.dm_seq,
+            "resumed": self.resumed,
+            "max_page": self.max_page,
         }
 
 
 @dataclass(slots=True)
 class Joined:
-    """Reply to ``join``: subscribe to ``topic`` to receive the room's events."""
+    """Reply to ``join``: subscribe to ``topic``; ``seq`` is the room's last message's seq."""
 
     KIND: ClassVar[ReplyKind] = ReplyKind.JOINED
     rid: int
     room: str
     topic: str
     members: tuple[str, ...]
+    seq: int = 0
 
     @classmethod
     def from_map(cls, m: Map, rid: int) -> Joined:
-        return cls(rid, get_str(m, "room"), get_str(m, "topic"), get_str_list(m, "members"))
+        return cls(rid, get_str(m, "room"), get_str(m, "topic"), get_str_list(m, "members"), get_int(m, "seq"))
 
     def to_map(self) -> Map:
         return {
@@ -334,6 +423,7 @@ class Joined:
             "room": self.room,
             "topic": self.topic,
             "members": list(self.members),
+            "seq": self.seq,
         }
 
 
@@ -355,19 +445,29 @@ class Left:
 
 @dataclass(slots=True)
 class Sent:
-    """Reply to ``say`` and ``dm``: the message's server id and timestamp."""
+    """Reply to ``say`` and ``dm``, sent once the message is stored.
+
+    ``id`` and ``ts`` are the message's; ``seq`` its place in the room (for a DM: in the
+    sender's inbox); ``dup`` is true when a resend matched a stored message by ``cmid``
+    (the original's id, ts and seq are returned and nothing new is stored).
+    """
 
     KIND: ClassVar[ReplyKind] = ReplyKind.SENT
     rid: int
     id: int
     ts: float
+    seq: int = 0
+    dup: bool = False
 
     @classmethod
     def from_map(cls, m: Map, rid: int) -> Sent:
-        return cls(rid, get_int(m, "id"), get_float(m, "ts"))
+        return cls(rid, get_int(m, "id"), get_float(m, "ts"), get_int(m, "seq"), get_bool(m, "dup"))
 
     def to_map(self) -> Map:
-        return {"v": PROTOCOL_VERSION, "kind": "sent", "rid": self.rid, "id": self.id, "ts": self.ts}
+        out = {"v": PROTOCOL_VERSION, "kind": "sent", "rid": self.rid, "id": self.id, "ts": self.ts, "seq": self.seq}
+        if self.dup:
+            out["dup"] = True
+        return out
 
 
 @dataclass(slots=True)
@@ -495,18 +595,10 @@ class ErrorReply:
         return out
 
 
-Reply = Welcome | Joined | Left | Sent | Members | RoomList | NickChanged | Pong | Goodbye | ErrorReply
-
-REPLY_TYPES: dict[str, type[Reply]] = {
-    cls.KIND.value: cls
-    for cls in (Welcome, Joined, Left, Sent, Members, RoomList, NickChanged, Pong, Goodbye, ErrorReply)
-}
-
-
 # -- events -------------------------------------------------------------------------------
 
-#: Event kinds that carry a message someone wrote (and so an ``id`` worth keeping).
-MESSAGE_KINDS = frozenset({EventKind.MESSAGE, EventKind.ACTION, EventKind.DM})
+#: Event kinds that are stored and sequenced.
+STORED_KINDS = frozenset({EventKind.MESSAGE, EventKind.ACTION, EventKind.DM})
 
 
 @dataclass(slots=True)
@@ -522,6 +614,8 @@ class Event:
         id: the broker's id for it, unique and increasing.
         to: for a DM, the recipient's nick.
         nick: for a nick change, the new nick (``sender`` is the old one).
+        seq: for stored kinds (message, action, dm) the place in its channel, gapless; for
+            a tick, the channel's last seq; else None.
     """
 
     kind: EventKind
@@ -532,6 +626,7 @@ class Event:
     id: int
     to: str | None = None
     nick: str | None = None
+    seq: int | None = None
 
     @classmethod
     def from_map(cls, m: Map) -> Event:
@@ -549,6 +644,7 @@ class Event:
             get_int(m, "id"),
             get_opt_str(m, "to"),
             get_opt_str(m, "nick"),
+            get_opt_int(m, "seq"),
         )
 
     def to_map(self) -> Map:
@@ -566,4 +662,50 @@ class Event:
             out["to"] = self.to
         if self.nick is not None:
             out["nick"] = self.nick
+        if self.seq is not None:
+            out["seq"] = self.seq
         return out
+
+
+@dataclass(slots=True)
+class HistoryPage:
+    """Reply to ``history``: stored events in seq order, and the channel's last seq.
+
+    ``more`` is true when the page is full, so a further page may exist in the direction read.
+    """
+
+    KIND: ClassVar[ReplyKind] = ReplyKind.HISTORY
+    rid: int
+    room: str | None
+    events: tuple[Event, ...]
+    seq: int
+    more: bool
+
+    @classmethod
+    def from_map(cls, m: Map, rid: int) -> HistoryPage:
+        raw = m.get("events")
+        if type(raw) is not list or any(type(item) is not dict for item in raw):
+            raise _invalid("events", "a list of maps", rid)
+        events = tuple(Event.from_map(item) for item in raw)
+        return cls(rid, get_opt_str(m, "room"), events, get_int(m, "seq"), get_bool(m, "more"))
+
+    def to_map(self) -> Map:
+        out = {
+            **_header(self.KIND, self.rid),
+            "events": [event.to_map() for event in self.events],
+            "seq": self.seq,
+            "more": self.more,
+        }
+        if self.room is not None:
+            out["room"] = self.room
+        return out
+
+
+Reply = Welcome | Joined | Left | Sent | Members | RoomList | NickChanged | Pong | Goodbye | ErrorReply | HistoryPage
+
+REPLY_TYPES: dict[str, type[Reply]] = {
+    cls.KIND.value: cls
+    for cls in (
+        Welcome, Joined, Left, Sent, Members, RoomList, NickChanged, Pong, Goodbye, ErrorReply, HistoryPage
+    )
+}

@@ -44,6 +44,9 @@ def split_sync(subscription: bytes) -> tuple[bytes, str] | None:
     n = PRIVATE_TOPIC_LENGTH
     if not subscription.startswith(PRIVATE_PREFIX) or subscription[n : n + len(SYNC_INFIX)] != SYNC_INFIX:
         return None
+    token = subscription[len(PRIVATE_PREFIX) : n - 1]
+    if subscription[n - 1 : n] != b"/" or len(token) != 32 or token.strip(b"0123456789abcdef"):
+        return None
     nonce = subscription[n + len(SYNC_INFIX) :]
     if not 0 < len(nonce) <= MAX_NONCE_LENGTH or not nonce.isalnum() or not nonce.isascii():
         return None

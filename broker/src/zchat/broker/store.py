@@ -1,0 +1,345 @@
+"""Message stores: where sequenced messages live, behind one small interface.
+
+The broker core writes through :class:`Store` only, so another backend (a networked one for
+several brokers) can be added without touching the core. Two are here:
+
+* :class:`SqliteStore`, the default: one SQLite file in WAL mode under the data directory.
+* :class:`MemoryStore`: the same behaviour in memory, for ``--store memory`` and tests.
+
+A *channel* is what a sequence number counts in: ``r:<room>`` for a room, ``d:<client>``
+for one client's DM inbox. Messages are staged with :meth:`Store.add` during a loop turn and
+written together by :meth:`Store.commit` (group commit); nothing staged is visible to
+:meth:`Store.page` or :meth:`Store.find_cmid` before it is committed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+from collections import deque
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Protocol
+
+log = logging.getLogger("zchat.broker.store")
+
+
+class StoreError(Exception):
+    """The store could not commit (disk full, I/O error, database locked).
+
+    The staged batch is rolled back; the error is retryable from the client's side.
+    """
+
+
+class Durability(StrEnum):
+    """SQLite ``synchronous`` levels offered (WAL mode)."""
+
+    OFF = "off"  # no fsync: fastest; a crash of the OS may lose recent commits
+    NORMAL = "normal"  # fsync at checkpoints: survives a process crash (kill -9), not power loss
+    FULL = "full"  # fsync every commit: survives power loss
+
+
+@dataclass(slots=True)
+class StoredMessage:
+    """One stored message (a room message or action, or one inbox's copy of a DM)."""
+
+    channel: str
+    seq: int
+    id: int
+    ts: float
+    kind: str
+    room: str | None
+    sender: str
+    text: str
+    to: str | None = None
+    client: str | None = None  # the sender's client identity (hashed), for idempotent retry
+    cmid: str | None = None  # the sender's client message id
+
+
+class Store(Protocol):
+    """What the broker core needs from a message store."""
+
+    def last_seq(self, channel: str) -> int:
+        """The highest committed sequence number of ``channel`` (0 if none ever)."""
+        ...
+
+    def last_id(self) -> int:
+        """The highest message id ever committed (0 if none)."""
+        ...
+
+    def add(self, message: StoredMessage) -> None:
+        """Stage ``message`` for the next commit."""
+        ...
+
+    def commit(self) -> int:
+        """Write every staged message in one transaction; return how many.
+
+        Raises:
+            StoreError: nothing staged was written; the stage is empty again.
+        """
+        ...
+
+    def find_cmid(self, client: str, cmid: str) -> StoredMessage | None:
+        """The committed message ``client`` sent with client message id ``cmid``, if any."""
+        ...
+
+    def page(self, channel: str, *, before: int | None, after: int | None, limit: int) -> list[StoredMessage]:
+        """Committed messages of ``channel`` in sequence order.
+
+        With ``after``: the first ``limit`` messages whose seq is greater. Otherwise the last
+        ``limit`` messages whose seq is below ``before`` (or the newest, if None).
+        """
+        ...
+
+    def prune(self, now: float, max_per_channel: int, max_age: float | None, budget: int) -> int:
+        """Delete up to ``budget`` messages beyond the retention limits; return how many."""
+        ...
+
+    def close(self) -> None:
+        """Release the store (after a final commit)."""
+        ...
+
+
+class MemoryStore:
+    """A :class:`Store` in memory: nothing survives the process."""
+
+    def __init__(self) -> None:
+        self._channels: dict[str, deque[StoredMessage]] = {}
+        self._last_seq: dict[str, int] = {}
+        self._cmids: dict[tuple[str, str], StoredMessage] = {}
+        self._staged: list[StoredMessage] = []
+        self._last_id = 0
+        #: Tests set this to make commits fail, as a full disk would.
+        self.fail_commits = False
+
+    def last_seq(self, channel: str) -> int:
+        return self._last_seq.get(channel, 0)
+
+    def last_id(self) -> int:
+        return self._last_id
+
+    def add(self, message: StoredMessage) -> None:
+        self._staged.append(message)
+
+    def commit(self) -> int:
+        staged, self._staged = self._staged, []
+        if self.fail_commits and staged:
+            raise StoreError("commits are failing (simulated)")
+        for m in staged:
+            self._channels.setdefault(m.channel, deque()).append(m)
+            self._last_seq[m.channel] = max(self._last_seq.get(m.channel, 0), m.seq)
+            self._last_id = max(self._last_id, m.id)
+            if m.cmid is not None and m.client is not None:
+                self._cmids[(m.client, m.cmid)] = m
+        return len(staged)
+
+    def find_cmid(self, client: str, cmid: str) -> StoredMessage | None:
+        return self._cmids.get((client, cmid))
+
+    def page(self, channel: str, *, before: int | None, after: int | None, limit: int) -> list[StoredMessage]:
+        messages = self._channels.get(channel, ())
+        if after is not None:
+            return [m for m in messages if m.seq > after][:limit]
+        bound = before if before is not None else float("inf")
+        return [m for m in messages if m.seq < bound][-limit:] if limit > 0 else []
+
+    def prune(self, now: float, max_per_channel: int, max_age: float | None, budget: int) -> int:
+        removed = 0
+        cutoff = now - max_age if max_age is not None else None
+        for messages in self._channels.values():
+            while (
+                messages
+                and removed < budget
+                and (len(messages) > max_per_channel or (cutoff is not None and messages[0].ts < cutoff))
+            ):
+                gone = messages.popleft()
+                if gone.cmid is not None and gone.client is not None:
+                    self._cmids.pop((gone.client, gone.cmid), None)
+                removed += 1
+        return removed
+
+    def close(self) -> None:
+        self._staged.clear()
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    channel   TEXT    NOT NULL,
+    seq       INTEGER NOT NULL,
+    id        INTEGER NOT NULL,
+    ts        REAL    NOT NULL,
+    kind      TEXT    NOT NULL,
+    room      TEXT,
+    sender    TEXT    NOT NULL,
+    text      TEXT    NOT NULL,
+    recipient TEXT,
+    client    TEXT,
+    cmid      TEXT,
+    PRIMARY KEY (channel, seq)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS messages_by_cmid ON messages (client, cmid) WHERE cmid IS NOT NULL;
+CREATE INDEX IF NOT EXISTS messages_by_ts ON messages (ts);
+CREATE TABLE IF NOT EXISTS channels (
+    channel  TEXT    PRIMARY KEY,
+    last_seq INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+) WITHOUT ROWID;
+"""
+SCHEMA_VERSION = 1
+_COLUMNS = "channel, seq, id, ts, kind, room, sender, text, recipient, client, cmid"
+
+
+class SqliteStore:
+    """A :class:`Store` in one SQLite database (``<data_dir>/zchat.sqlite3``), WAL mode.
+
+    Args:
+        path: the database file (created with its directory if missing).
+        durability: the ``synchronous`` level; NORMAL survives kill -9.
+        max_pages: a quota on the database's size in pages (``max_page_count``); a commit
+            that would exceed it fails with :class:`StoreError` until space is freed.
+    """
+
+    FILENAME = "zchat.sqlite3"
+
+    def __init__(self, path: Path, durability: Durability = Durability.NORMAL, max_pages: int | None = None) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves, once per batch.
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(f"PRAGMA synchronous={durability.value.upper()}")
+        self._db.executescript(_SCHEMA)
+        self._db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)", (SCHEMA_VERSION,))
+        self._db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('last_id', 0)")
+        if max_pages is not None:
+            self.set_max_pages(max_pages)
+        self._staged: list[StoredMessage] = []
+        self._last_id = self._meta("last_id")
+        self._last_seq: dict[str, int] = {}
+        self._touched: set[str] = set()
+
+    def set_max_pages(self, pages: int) -> None:
+        """Set (or raise) the size quota, in database pages."""
+        self._db.execute(f"PRAGMA max_page_count={int(pages)}")
+
+    def page_count(self) -> int:
+        return int(self._db.execute("PRAGMA page_count").fetchone()[0])
+
+    def _meta(self, key: str) -> int:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def last_seq(self, channel: str) -> int:
+        seq = self._last_seq.get(channel)
+        if seq is None:
+            row = self._db.execute("SELECT last_seq FROM channels WHERE channel = ?", (channel,)).fetchone()
+            seq = self._last_seq[channel] = int(row[0]) if row else 0
+        return seq
+
+    def last_id(self) -> int:
+        return self._last_id
+
+    def add(self, message: StoredMessage) -> None:
+        self._staged.append(message)
+
+    def commit(self) -> int:
+        staged, self._staged = self._staged, []
+        if not staged:
+            return 0
+        rows = [
+            (m.channel, m.seq, m.id, m.ts, m.kind, m.room, m.sender, m.text, m.to, m.client, m.cmid) for m in staged
+        ]
+        last: dict[str, int] = {}
+        for m in staged:
+            last[m.channel] = m.seq
+        top_id = max(m.id for m in staged)
+        db = self._db
+        try:
+            db.execute("BEGIN")
+            db.executemany(f"INSERT INTO messages ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
+            db.executemany(
+                "INSERT INTO channels (channel, last_seq) VALUES (?, ?) "
+                "ON CONFLICT (channel) DO UPDATE SET last_seq = MAX(last_seq, excluded.last_seq)",
+                last.items(),
+            )
+            db.execute("UPDATE meta SET value = MAX(value, ?) WHERE key = 'last_id'", (top_id,))
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise StoreError(str(exc)) from exc
+        for channel, seq in last.items():
+            self._last_seq[channel] = max(self._last_seq.get(channel, 0), seq)
+        self._touched.update(last)
+        self._last_id = max(self._last_id, top_id)
+        return len(staged)
+
+    def find_cmid(self, client: str, cmid: str) -> StoredMessage | None:
+        row = self._db.execute(
+            f"SELECT {_COLUMNS} FROM messages WHERE client = ? AND cmid = ? LIMIT 1", (client, cmid)
+        ).fetchone()
+        return StoredMessage(*row) if row else None
+
+    def page(self, channel: str, *, before: int | None, after: int | None, limit: int) -> list[StoredMessage]:
+        if after is not None:
+            rows = self._db.execute(
+                f"SELECT {_COLUMNS} FROM messages WHERE channel = ? AND seq > ? ORDER BY seq LIMIT ?",
+                (channel, after, limit),
+            ).fetchall()
+            return [StoredMessage(*row) for row in rows]
+        bound = before if before is not None else 2**63 - 1
+        rows = self._db.execute(
+            f"SELECT {_COLUMNS} FROM messages WHERE channel = ? AND seq < ? ORDER BY seq DESC LIMIT ?",
+            (channel, bound, limit),
+        ).fetchall()
+        return [StoredMessage(*row) for row in reversed(rows)]
+
+    def prune(self, now: float, max_per_channel: int, max_age: float | None, budget: int) -> int:
+        removed = 0
+        db = self._db
+        try:
+            for channel in list(self._touched):
+                floor = self.last_seq(channel) - max_per_channel
+                cur = db.execute(
+                    "DELETE FROM messages WHERE channel = ? AND seq IN "
+                    "(SELECT seq FROM messages WHERE channel = ? AND seq <= ? ORDER BY seq LIMIT ?)",
+                    (channel, channel, floor, budget - removed),
+                )
+                removed += cur.rowcount
+                if removed >= budget:
+                    break
+                self._touched.discard(channel)
+            if max_age is not None and removed < budget:
+                cur = db.execute(
+                    "DELETE FROM messages WHERE (channel, seq) IN "
+                    "(SELECT channel, seq FROM messages WHERE ts < ? ORDER BY ts LIMIT ?)",
+                    (now - max_age, budget - removed),
+                )
+                removed += cur.rowcount
+        except sqlite3.Error as exc:
+            log.warning("retention pass failed, will retry: %s", exc)
+        return removed
+
+    def close(self) -> None:
+        self._staged.clear()
+        try:
+            self._db.execute("PRAGMA optimize")
+        except sqlite3.Error:
+            log.debug("PRAGMA optimize failed at close", exc_info=True)
+        self._db.close()
+
+
+def open_history(path: Path) -> sqlite3.Connection:
+    """A read-only connection to a store's database, for ``zchat-broker export``."""
+    return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+
+
+def default_data_dir() -> Path:
+    """``$XDG_DATA_HOME/zchat``, or ``~/.local/share/zchat``."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "zchat"

@@ -1,0 +1,261 @@
+"""ClientCore without sockets: request ids, session state from replies, event decoding, sync."""
+
+from __future__ import annotations
+
+import pytest
+
+from zchat.broker.core import BrokerCore, Subscription
+from zchat.client.core import ClientCore, Outgoing, raise_for_error
+from zchat.common.codec import decode_request, encode, encode_map
+from zchat.common.codes import ErrorCode, EventKind
+from zchat.common.errors import ProtocolError, RequestError
+from zchat.common.protocol import (
+    Bye,
+    Dm,
+    ErrorReply,
+    Event,
+    Goodbye,
+    Hello,
+    Join,
+    Joined,
+    Leave,
+    Left,
+    Members,
+    NickChanged,
+    Pong,
+    Reply,
+    Say,
+    Sent,
+    Welcome,
+)
+from zchat.common.topics import split_sync
+
+TOPIC = "p/0123456789abcdef0123456789abcdef/"
+
+
+def welcome(rid: int = 1, nick: str = "ann") -> bytes:
+    return encode(Welcome(rid, nick, TOPIC, "be nice", 4.0, 12.0))
+
+
+@pytest.fixture
+def core() -> ClientCore:
+    return ClientCore()
+
+
+@pytest.fixture
+def session(core: ClientCore) -> ClientCore:
+    """A core that has been welcomed as ann."""
+    core.receive_reply(welcome())
+    return core
+
+
+# -- requests -----------------------------------------------------------------------------
+
+
+def test_request_ids_increase_and_frames_decode(core: ClientCore) -> None:
+    out = [
+        core.request(Hello, "ann"),
+        core.request(Join, "general"),
+        core.request(Say, "general", "hi"),
+        core.request(Say, "general", "waves", True),
+        core.request(Dm, "bob", "psst"),
+        core.request(Bye),
+    ]
+    assert [o.rid for o in out] == [1, 2, 3, 4, 5, 6]
+    assert [o.kind for o in out] == ["hello", "join", "say", "say", "dm", "bye"]
+    assert [decode_request(o.frame) for o in out] == [
+        Hello(1, "ann"),
+        Join(2, "general"),
+        Say(3, "general", "hi"),
+        Say(4, "general", "waves", True),
+        Dm(5, "bob", "psst"),
+        Bye(6),
+    ]
+    assert all(type(o) is Outgoing for o in out)
+
+
+def test_request_ids_are_per_core() -> None:
+    first, second = ClientCore(), ClientCore()
+    first.request(Hello, "ann")
+    assert second.request(Hello, "bob").rid == 1
+
+
+def test_request_ids_keep_counting_across_sessions(session: ClientCore) -> None:
+    session.request(Join, "general")
+    session.receive_reply(encode(Goodbye(2)))
+    assert session.request(Hello, "ann").rid == 2
+
+
+# -- replies ------------------------------------------------------------------------------
+
+
+def test_initial_state(core: ClientCore) -> None:
+    assert (core.nick, core.topic, core.rooms, core.motd) == (None, None, {}, "")
+
+
+def test_welcome_opens_the_session(core: ClientCore) -> None:
+    reply = core.receive_reply(welcome(nick="Ann"))
+    assert type(reply) is Welcome
+    assert (core.nick, core.topic, core.motd) == ("Ann", TOPIC.encode(), "be nice")
+    assert (core.heartbeat, core.session_timeout) == (4.0, 12.0)
+
+
+def test_joined_and_left_track_rooms(session: ClientCore) -> None:
+    session.receive_reply(encode(Joined(2, "general", "r/general/", ("ann",))))
+    session.receive_reply(encode(Joined(3, "dev", "r/dev/", ("ann", "bob"))))
+    assert session.rooms == {"general": b"r/general/", "dev": b"r/dev/"}
+    assert type(session.receive_reply(encode(Left(4, "general")))) is Left
+    assert session.rooms == {"dev": b"r/dev/"}
+    session.receive_reply(encode(Left(5, "nowhere")))  # leaving an unknown room is harmless
+    assert session.rooms == {"dev": b"r/dev/"}
+
+
+def test_nick_reply_changes_nick(session: ClientCore) -> None:
+    session.receive_reply(encode(NickChanged(2, "anna")))
+    assert session.nick == "anna"
+
+
+def test_goodbye_resets(session: ClientCore) -> None:
+    session.receive_reply(encode(Joined(2, "general", "r/general/", ("ann",))))
+    assert type(session.receive_reply(encode(Goodbye(3)))) is Goodbye
+    assert (session.nick, session.topic, session.rooms) == (None, None, {})
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        ErrorReply(2, ErrorCode.NICK_TAKEN, "taken"),
+        ErrorReply(None, ErrorCode.MALFORMED, "bad"),
+        Sent(2, 17, 1.5),
+        Pong(2, 1.5),
+        Members(2, "general", ("bob",)),
+    ],
+    ids=repr,
+)
+def test_other_replies_leave_state_alone(session: ClientCore, reply: Reply) -> None:
+    assert session.receive_reply(encode(reply)) == reply
+    assert (session.nick, session.topic, session.rooms) == ("ann", TOPIC.encode(), {})
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        b"",
+        b"\xc1",
+        b"\x91\x01",
+        encode(Welcome(1, "ann", TOPIC, "", 1.0, 3.0)) + b"\x00",
+        encode(Hello(1, "ann")),  # a request is not a reply
+        encode(Event(EventKind.MESSAGE, "g", "ann", "hi", 1.0, 1)),
+        encode_map({"v": 2, "kind": "goodbye", "rid": 1}),
+        encode_map({"v": 1, "kind": "goodbye"}),
+        encode_map({"v": 1, "kind": "welcome", "rid": 1, "nick": "ann"}),
+        encode_map({"v": 1, "kind": "joined", "rid": 1, "room": "g", "topic": 5, "members": []}),
+        encode_map({"v": 1, "kind": "error", "rid": 1, "code": "no_such_code", "reason": "?"}),
+        b"\xdd\xff\xff\xff\xff",
+        b"\x91" * 100_000,
+    ],
+)
+def test_malformed_replies_raise_protocol_error(session: ClientCore, frame: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        session.receive_reply(frame)
+    assert (session.nick, session.topic, session.rooms) == ("ann", TOPIC.encode(), {})
+
+
+def test_raise_for_error() -> None:
+    ok = Pong(1, 2.0)
+    assert raise_for_error(ok) is ok
+    with pytest.raises(RequestError) as exc:
+        raise_for_error(ErrorReply(1, ErrorCode.SERVER_FULL, "full", 3.0))
+    assert (exc.value.code, exc.value.reason, exc.value.retry_after) == (ErrorCode.SERVER_FULL, "full", 3.0)
+
+
+# -- events -------------------------------------------------------------------------------
+
+
+def test_receive_event(session: ClientCore) -> None:
+    event = Event(EventKind.MESSAGE, "general", "bob", "hi", 1.5, 42)
+    assert session.receive_event([b"r/general/", encode(event)]) == event
+
+
+@pytest.mark.parametrize("count", [0, 1, 3, 4])
+def test_receive_event_needs_two_frames(session: ClientCore, count: int) -> None:
+    frames = [b"r/general/", encode(Event(EventKind.JOIN, "general", "bob", "", 1.0, 1))] + [b"x"] * 2
+    with pytest.raises(ProtocolError) as exc:
+        session.receive_event(frames[:count])
+    assert exc.value.code is ErrorCode.BAD_FRAMES
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [b"", b"\xc1", encode(Goodbye(1)), encode_map({"v": 1, "kind": "message", "sender": "bob"})],
+)
+def test_malformed_events_raise_protocol_error(session: ClientCore, frame: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        session.receive_event([b"r/general/", frame])
+
+
+# -- sync ---------------------------------------------------------------------------------
+
+
+def test_new_sync_needs_a_session(core: ClientCore) -> None:
+    with pytest.raises(RuntimeError):
+        core.new_sync()
+
+
+def test_new_sync_is_a_sync_subscription(session: ClientCore) -> None:
+    nonces = set()
+    for _ in range(50):
+        nonce, subscription = session.new_sync()
+        assert split_sync(subscription) == (TOPIC.encode(), nonce)
+        nonces.add(nonce)
+    assert len(nonces) == 50
+
+
+def test_new_sync_after_goodbye_needs_a_new_session(session: ClientCore) -> None:
+    session.receive_reply(encode(Goodbye(2)))
+    with pytest.raises(RuntimeError):
+        session.new_sync()
+
+
+# -- both cores in memory -----------------------------------------------------------------
+
+
+def test_client_core_against_broker_core() -> None:
+    """Two client cores talk through one broker core, frames passed by hand."""
+    broker = BrokerCore(motd="hi", session_timeout=9.0)
+    broker.set_time(1_700_000_000.0, 0.0)
+    ann, bob = ClientCore(), ClientCore()
+    published: list[tuple[bytes, bytes]] = []
+
+    def call(client: ClientCore, peer: bytes, out: Outgoing) -> Reply:
+        broker.handle_request(peer, out.frame)
+        [(to, frame)], publications = broker.take_output()
+        published.extend(publications)
+        assert to == peer
+        reply = client.receive_reply(frame)
+        assert reply.rid == out.rid
+        return raise_for_error(reply)
+
+    call(ann, b"a", ann.request(Hello, "ann"))
+    call(bob, b"b", bob.request(Hello, "bob"))
+    assert (ann.nick, ann.heartbeat, ann.motd) == ("ann", 3.0, "hi")
+    assert ann.topic is not None and bob.topic is not None
+    call(ann, b"a", ann.request(Join, "#General"))
+    published.clear()  # ann's own join notice
+    assert broker.handle_subscription(b"\x01" + ann.rooms["general"]) is Subscription.GRANT
+    nonce, subscription = ann.new_sync()
+    assert broker.handle_subscription(b"\x01" + subscription) is Subscription.IGNORE
+    _, [(topic, frame)] = broker.take_output()
+    sync = ann.receive_event([topic, frame])
+    assert (topic, sync.kind, sync.text) == (ann.topic, EventKind.SYNC, nonce)
+    call(bob, b"b", bob.request(Dm, "ANN", "psst"))
+    assert [t for t, _ in published] == [ann.topic, bob.topic]
+    event = ann.receive_event(list(published[0]))
+    assert (event.sender, event.to, event.text) == ("bob", "ann", "psst")
+    with pytest.raises(RequestError) as exc:
+        call(bob, b"b", bob.request(Say, "general", "hi"))
+    assert exc.value.code is ErrorCode.NOT_MEMBER
+    call(ann, b"a", ann.request(Leave, "general"))
+    assert ann.rooms == {}
+    call(ann, b"a", ann.request(Bye))
+    assert ann.topic is None
