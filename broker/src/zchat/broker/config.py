@@ -31,20 +31,6 @@ def _choice(*allowed: str) -> Any:
 
     return parse
 
-
-def _non_negative_float(value: str) -> float:
-    number = float(value)
-    if not number >= 0 or number == float("inf"):
-        raise ValueError("expected a number >= 0")
-    return number
-
-
-def _non_negative_int(value: str) -> int:
-    number = int(value)
-    if number < 0:
-        raise ValueError("expected a whole number >= 0")
-    return number
-
 #: Every broker option: flag, environment variable, default, parser.
 OPTIONS = (
     c.Option("router", "--router", c.ENV_ROUTER, c.DEFAULT_ROUTER, c.parse_endpoint,
@@ -70,9 +56,9 @@ OPTIONS = (
              "SQLite synchronous level: off, normal (survives kill -9), full (survives power loss)", "LEVEL"),
     c.Option("retention_messages", "--retention-messages", ENV_RETENTION_MESSAGES, 100_000,
              c.parse_positive_int, "messages kept per room or DM inbox", "COUNT"),
-    c.Option("retention_days", "--retention-days", ENV_RETENTION_DAYS, 0.0, _non_negative_float,
+    c.Option("retention_days", "--retention-days", ENV_RETENTION_DAYS, 0.0, c.parse_non_negative_float,
              "days a message is kept (0: no age limit)", "DAYS"),
-    c.Option("store_max_mb", "--store-max-mb", ENV_STORE_MAX_MB, 0, _non_negative_int,
+    c.Option("store_max_mb", "--store-max-mb", ENV_STORE_MAX_MB, 0, c.parse_non_negative_int,
              "size quota of the SQLite store in MiB (0: none); over it, sends get 'unavailable'", "MIB"),
     c.Option("max_page", "--max-page", ENV_MAX_PAGE, 200, c.parse_positive_int,
              "most messages one history reply holds", "COUNT"),

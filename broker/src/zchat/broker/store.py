@@ -18,6 +18,7 @@ import logging
 import os
 import sqlite3
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -335,8 +336,28 @@ class SqliteStore:
 
 
 def open_history(path: Path) -> sqlite3.Connection:
-    """A read-only connection to a store's database, for ``zchat-broker export``."""
+    """A read-only connection to a store's database (safe beside a running broker: WAL)."""
+    if not path.exists():
+        raise FileNotFoundError(f"no zchat store at {path}")
     return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+
+
+def export_room(
+    path: Path, room: str, *, since: float | None = None, after: int | None = None
+) -> Iterator[StoredMessage]:
+    """Every stored message of ``room`` (its canonical name) in seq order, read-only.
+
+    ``since`` keeps messages at or after that time (seconds since the epoch); ``after``
+    those with a greater seq.
+    """
+    db = open_history(path)
+    try:
+        query = f"SELECT {_COLUMNS} FROM messages WHERE channel = ? AND seq > ? AND ts >= ? ORDER BY seq"
+        cursor = db.execute(query, ("r:" + room, after or 0, since if since is not None else float("-inf")))
+        for row in cursor:
+            yield StoredMessage(*row)
+    finally:
+        db.close()
 
 
 def default_data_dir() -> Path:

@@ -25,7 +25,7 @@ from zchat.common.errors import ClientError, ConfigError, RequestError, RequestT
 from zchat.common.protocol import Event, Welcome
 
 from . import __version__
-from .aio import AsyncClient
+from .aio import AsyncClient, ClientState
 from .render import dumps, event_to_json, format_event, format_members, format_rooms
 
 OPTIONS = (
@@ -37,8 +37,10 @@ OPTIONS = (
              "your nick (asked for on a terminal when unset)", "NICK"),
     c.Option("room", "--room", c.ENV_ROOM, "general", c.parse_text,
              "the room to join at start", "ROOM"),
-    c.Option("timeout", "--timeout", "ZCHAT_TIMEOUT", 5.0, c.parse_positive_float,
+    c.Option("timeout", "--timeout", c.ENV_TIMEOUT, 5.0, c.parse_positive_float,
              "seconds to wait for each reply from the broker", "SECONDS"),
+    c.Option("history", "--history", c.ENV_HISTORY, 50, c.parse_non_negative_int,
+             "past messages shown when joining a room", "COUNT"),
 )
 
 HELP = """commands:
@@ -49,6 +51,7 @@ HELP = """commands:
   /who [ROOM]        who is in ROOM (default: the current room)
   /rooms             every room, with member counts
   /nick NEW          change your nick
+  /history [N]       the last N messages of the current room (default 20)
   /quit, exit        leave zchat
   //TEXT             send TEXT starting with a slash
 anything else is sent to the current room"""
@@ -100,6 +103,10 @@ class Output:
         else:
             print(text, file=sys.stderr, flush=True)
 
+    def status(self, text: str, state: str) -> None:
+        """A change of connection state (``reconnecting``, ``connected``)."""
+        self.info(f"-- {text}", {"kind": "status", "state": state})
+
     def error(self, code: str, reason: str) -> None:
         if self.json_mode:
             print(dumps({"kind": "error", "code": code, "reason": reason}), flush=True)
@@ -114,6 +121,8 @@ class Chat:
         self.client = client
         self.out = out
         self.room = room
+        #: Lines that failed (an error reply, a timeout, a usage error): line mode exits 1.
+        self.failures = 0
         self._commands: dict[str, Callable[[str], Awaitable[None]]] = {
             "say": self._say,
             "join": self._join,
@@ -125,6 +134,7 @@ class Chat:
             "names": self._who,
             "rooms": self._rooms,
             "nick": self._nick,
+            "history": self._history,
             "help": self._help,
         }
 
@@ -137,22 +147,26 @@ class Chat:
             return False
         handler = self._commands.get(command.name)
         if handler is None:
-            self.out.error("unknown_command", f"unknown command /{command.name}; try /help")
+            self._fail("unknown_command", f"unknown command /{command.name}; try /help")
             return True
         try:
             await handler(command.arg)
         except RequestError as exc:
-            self.out.error(exc.code.value, exc.reason)
+            self._fail(exc.code.value, exc.reason)
         except RequestTimeout as exc:
-            self.out.error("timeout", str(exc))
+            self._fail("timeout", str(exc))
         return True
 
+    def _fail(self, code: str, reason: str) -> None:
+        self.failures += 1
+        self.out.error(code, reason)
+
     def _usage(self, text: str) -> None:
-        self.out.error("usage", f"usage: {text}")
+        self._fail("usage", f"usage: {text}")
 
     def _current_room(self) -> str | None:
         if self.room is None:
-            self.out.error(ErrorCode.NOT_MEMBER.value, "you are in no room: /join one first")
+            self._fail(ErrorCode.NOT_MEMBER.value, "you are in no room: /join one first")
         return self.room
 
     async def _say(self, text: str) -> None:
@@ -208,6 +222,16 @@ class Chat:
             return self._usage("/nick NEW")
         self.out.me = await self.client.nick(arg)
         self.out.info(f"-- you are now {self.out.me}", {"kind": "nick", "nick": self.out.me})
+
+    async def _history(self, arg: str) -> None:
+        if arg and not arg.isdigit():
+            return self._usage("/history [N]")
+        if (room := self._current_room()) is None:
+            return
+        events = await self.client.history(room, limit=int(arg) if arg else 20)
+        self.out.info(f"-- last {len(events)} messages of #{room}:", {"kind": "history", "room": room})
+        for event in events:
+            self.out.event(event)
 
     async def _help(self, arg: str) -> None:
         self.out.info(HELP, {"kind": "help", "text": HELP})
@@ -266,14 +290,20 @@ async def line_mode(client: AsyncClient, values: dict[str, Any], out: Output) ->
     finally:
         await client.close()
         await printer
-    return 0
+    return 1 if chat.failures else 0
 
 
 async def interactive(client: AsyncClient, values: dict[str, Any], out: Output) -> int:
     from prompt_toolkit import PromptSession
     from prompt_toolkit.patch_stdout import patch_stdout
 
-    prompt: PromptSession[str] = PromptSession()
+    chat_room: list[str | None] = [None]
+
+    def toolbar() -> str:
+        state = "connected" if client.state is ClientState.CONNECTED else client.state.value + "…"
+        return f" {client.current_nick or '-'} │ #{chat_room[0] or '-'} │ {state} │ /help"
+
+    prompt: PromptSession[str] = PromptSession(bottom_toolbar=toolbar, refresh_interval=0.5)
     with patch_stdout(raw=True):
         nick = values["nick"]
         while True:
@@ -294,6 +324,7 @@ async def interactive(client: AsyncClient, values: dict[str, Any], out: Output) 
         await chat.run(f"/join {values['room']}")
         try:
             while True:
+                chat_room[0] = chat.room
                 try:
                     line = await prompt.prompt_async(lambda: f"[#{chat.room or '-'}] ")
                 except (EOFError, KeyboardInterrupt):
@@ -306,9 +337,25 @@ async def interactive(client: AsyncClient, values: dict[str, Any], out: Output) 
     return 0
 
 
+def _state_reporter(out: Output) -> Callable[[ClientState], None]:
+    def report(state: ClientState) -> None:
+        if state is ClientState.RECONNECTING:
+            out.status("connection lost; reconnecting…", state.value)
+        elif state is ClientState.CONNECTED and out.me is not None:
+            out.status("reconnected", state.value)
+
+    return report
+
+
 async def amain(values: dict[str, Any], *, json_mode: bool, tty: bool) -> int:
     out = Output(json_mode=json_mode, interactive=tty)
-    client = AsyncClient(values["router"], values["pub"], timeout=values["timeout"])
+    client = AsyncClient(
+        values["router"],
+        values["pub"],
+        timeout=values["timeout"],
+        history=values["history"],
+        on_state=_state_reporter(out),
+    )
     try:
         if tty:
             return await interactive(client, values, out)
@@ -333,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
         values = c.resolve(OPTIONS, args, os.environ)
     except ConfigError as exc:
         parser.error(str(exc))
+    # The user sees connection trouble as status lines; library warnings only with the env set.
+    c.setup_logging(c.parse_log_level(os.environ.get(c.ENV_LOG_LEVEL, "error")))
     tty = sys.stdin.isatty() and sys.stdout.isatty() and not args.plain and not args.json
     with contextlib.suppress(KeyboardInterrupt):
         return asyncio.run(amain(values, json_mode=args.json, tty=tty))

@@ -34,6 +34,10 @@ ENV_MAX_TEXT = "ZCHAT_MAX_TEXT"
 ENV_NICK = "ZCHAT_NICK"
 #: The room the client joins at start.
 ENV_ROOM = "ZCHAT_ROOM"
+#: Seconds the client waits for each reply.
+ENV_TIMEOUT = "ZCHAT_TIMEOUT"
+#: Past messages the client shows when joining a room.
+ENV_HISTORY = "ZCHAT_HISTORY"
 
 DEFAULT_ROUTER = "tcp://127.0.0.1:5555"
 DEFAULT_PUB = "tcp://127.0.0.1:5556"
@@ -60,6 +64,20 @@ def parse_positive_int(value: str) -> int:
     number = int(value)
     if number <= 0:
         raise ValueError("expected a positive whole number")
+    return number
+
+
+def parse_non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise ValueError("expected a whole number >= 0")
+    return number
+
+
+def parse_non_negative_float(value: str) -> float:
+    number = float(value)
+    if not number >= 0 or number == float("inf"):
+        raise ValueError("expected a number >= 0")
     return number
 
 
