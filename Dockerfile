@@ -6,7 +6,10 @@ COPY common/ common/
 COPY broker/ broker/
 COPY client/ client/
 RUN pip install ./common ./broker ./client && rm -rf /src
-RUN useradd --create-home --uid 10001 zchat
+RUN useradd --create-home --uid 10001 zchat && mkdir /data && chown zchat:zchat /data
+# The message store; a named volume mounted here inherits the zchat user's ownership.
+ENV ZCHAT_DATA_DIR=/data
+VOLUME ["/data"]
 USER zchat
 WORKDIR /home/zchat
 EXPOSE 5555 5556

@@ -4,6 +4,7 @@
     python3 dev.py broker [ARGS]   run the broker (creates .venv on first use)
     python3 dev.py client [ARGS]   run the terminal client
     python3 dev.py test [ARGS]     ruff, mypy --strict, then pytest (ARGS go to pytest)
+    python3 dev.py bench [ARGS]    the benchmark (bench/bench.py --help)
     python3 dev.py setup           only create/refresh .venv
 
 The virtual environment lives in .venv and is refreshed whenever a pyproject.toml changes.
@@ -86,6 +87,8 @@ def main(argv: list[str]) -> int:
         return 0
     if command == "test":
         return test(args)
+    if command == "bench":
+        return run(str(PYTHON), str(ROOT / "bench" / "bench.py"), *args)
     if command in ("broker", "client"):
         exe = str(BIN / f"zchat-{command}")
         os.execv(exe, [exe, *args])

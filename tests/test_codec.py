@@ -503,7 +503,7 @@ texts = _keep(st.text(st.characters(codec="utf-8"), min_size=1, max_size=200).ma
 rids = st.integers(0, MAX_RID)
 any_text = st.text(st.characters(codec="utf-8"), max_size=30)
 floats = st.floats(allow_nan=False)
-counts = st.integers(0, 2**64 - 1)
+counts = st.integers(0, 2**63 - 1)  # every integer field is 0 to 2**63-1 (protocol.MAX_INT)
 
 requests: st.SearchStrategy[Request] = st.one_of(
     st.builds(Hello, rids, nicks),

@@ -383,10 +383,6 @@ class BrokerCore:
         self._active[channel] = self.mono
         return seq + 1
 
-    def _last_seq(self, channel: str) -> int:
-        seq = self._seqs.get(channel)
-        return seq if seq is not None else self.store.last_seq(channel)
-
     def _channel_topic(self, channel: str) -> tuple[bytes | None, str | None]:
         if channel.startswith("r:"):
             room = self.rooms.get(channel[2:])
@@ -487,9 +483,10 @@ class BrokerCore:
             self.heartbeat,
             self.session_timeout,
             identity,
-            self._last_seq(session.inbox),
+            self.store.last_seq(session.inbox),  # committed only, as in _joined
             resumed,
             self.max_page,
+            self.store.epoch,
         )
 
     # -- request handlers ------------------------------------------------------------------
@@ -525,7 +522,10 @@ class BrokerCore:
         return self._error(req.rid, ErrorCode.ALREADY_HELLO, f"this connection is already {session.nick!r}")
 
     def _joined(self, rid: int, room: Room) -> Joined:
-        return Joined(rid, room.name, room.topic.decode(), self._member_nicks(room), self._last_seq(room.channel))
+        # The committed seq, not one staged this turn: if the turn's commit failed, a staged
+        # seq would be handed out again and the joiner would take the new message for old.
+        seq = self.store.last_seq(room.channel)
+        return Joined(rid, room.name, room.topic.decode(), self._member_nicks(room), seq)
 
     def _join(self, session: Session, req: Join) -> Reply:
         room = self.rooms.get(req.room)
@@ -551,28 +551,28 @@ class BrokerCore:
         return Left(req.rid, req.room)
 
     def _say(self, session: Session, req: Say) -> Reply:
+        duplicate = self._duplicate(session, req)  # first: a resend is answered even if we left
+        if duplicate is not None:
+            return duplicate
         room = session.rooms.get(req.room)
         if room is None:
             return self._error(req.rid, ErrorCode.NOT_MEMBER, f"join {req.room!r} before you speak in it")
-        duplicate = self._duplicate(session, req)
-        if duplicate is not None:
-            return duplicate
         kind = EventKind.ACTION if req.action else EventKind.MESSAGE
         seq, msg_id, now = self._next_seq(room.channel), self._next_id(), self.now
         self.store.add(
-            StoredMessage(room.channel, seq, msg_id, now, kind.value, room.name, session.nick, req.text,
+            StoredMessage(room.channel, seq, msg_id, now, kind, room.name, session.nick, req.text,
                           None, session.client, req.cmid)
         )
         index = self._publish(room.topic, Event(kind, room.name, session.nick, req.text, now, msg_id, seq=seq))
         return self._stage(session, req.rid, [index], req.cmid, Sent(req.rid, msg_id, now, seq))
 
     def _dm(self, session: Session, req: Dm) -> Reply:
+        duplicate = self._duplicate(session, req)  # first: a resend is answered even if they left
+        if duplicate is not None:
+            return duplicate
         target = self.nicks.get(nick_key(req.to))
         if target is None:
             return self._error(req.rid, ErrorCode.NO_SUCH_NICK, f"nobody is called {req.to!r}")
-        duplicate = self._duplicate(session, req)
-        if duplicate is not None:
-            return duplicate
         msg_id, now = self._next_id(), self.now
         published: list[int] = []
         seq = 0
@@ -582,7 +582,7 @@ class BrokerCore:
             seq = self._next_seq(owner.inbox)
             mine = owner is session
             self.store.add(
-                StoredMessage(owner.inbox, seq, msg_id, now, EventKind.DM.value, None, session.nick, req.text,
+                StoredMessage(owner.inbox, seq, msg_id, now, EventKind.DM, None, session.nick, req.text,
                               target.nick, session.client if mine else None, req.cmid if mine else None)
             )
             event = Event(EventKind.DM, None, session.nick, req.text, now, msg_id, to=target.nick, seq=seq)

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import sqlite3
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 log = logging.getLogger("zchat.broker.store")
 
@@ -42,9 +42,12 @@ class Durability(StrEnum):
     FULL = "full"  # fsync every commit: survives power loss
 
 
-@dataclass(slots=True)
-class StoredMessage:
-    """One stored message (a room message or action, or one inbox's copy of a DM)."""
+class StoredMessage(NamedTuple):
+    """One stored message (a room message or action, or one inbox's copy of a DM).
+
+    A named tuple, in the column order of the ``messages`` table, so that a staged batch
+    goes to ``executemany`` as it is, with no per-row conversion.
+    """
 
     channel: str
     seq: int
@@ -61,6 +64,13 @@ class StoredMessage:
 
 class Store(Protocol):
     """What the broker core needs from a message store."""
+
+    @property
+    def epoch(self) -> int:
+        """A random number fixed when the history began: it changes only when the history
+        starts over (a memory store restarted, a database replaced), which tells clients
+        that sequence numbers they remember no longer apply."""
+        ...
 
     def last_seq(self, channel: str) -> int:
         """The highest committed sequence number of ``channel`` (0 if none ever)."""
@@ -107,6 +117,7 @@ class MemoryStore:
     """A :class:`Store` in memory: nothing survives the process."""
 
     def __init__(self) -> None:
+        self.epoch = secrets.randbits(62)
         self._channels: dict[str, deque[StoredMessage]] = {}
         self._last_seq: dict[str, int] = {}
         self._cmids: dict[tuple[str, str], StoredMessage] = {}
@@ -217,12 +228,16 @@ class SqliteStore:
         self._db.executescript(_SCHEMA)
         self._db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)", (SCHEMA_VERSION,))
         self._db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('last_id', 0)")
+        self._db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('epoch', ?)", (secrets.randbits(62),))
         if max_pages is not None:
             self.set_max_pages(max_pages)
         self._staged: list[StoredMessage] = []
         self._last_id = self._meta("last_id")
+        self.epoch = self._meta("epoch")
         self._last_seq: dict[str, int] = {}
-        self._touched: set[str] = set()
+        # Channels retention must look at: all of them after opening (one may have grown
+        # past the limit, or aged, while the limits were different), then those written to.
+        self._touched: set[str] = {row[0] for row in self._db.execute("SELECT channel FROM channels")}
 
     def set_max_pages(self, pages: int) -> None:
         """Set (or raise) the size quota, in database pages."""
@@ -252,17 +267,14 @@ class SqliteStore:
         staged, self._staged = self._staged, []
         if not staged:
             return 0
-        rows = [
-            (m.channel, m.seq, m.id, m.ts, m.kind, m.room, m.sender, m.text, m.to, m.client, m.cmid) for m in staged
-        ]
         last: dict[str, int] = {}
         for m in staged:
             last[m.channel] = m.seq
-        top_id = max(m.id for m in staged)
+        top_id = staged[-1].id  # ids are handed out in increasing order
         db = self._db
         try:
             db.execute("BEGIN")
-            db.executemany(f"INSERT INTO messages ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
+            db.executemany(f"INSERT INTO messages ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)", staged)
             db.executemany(
                 "INSERT INTO channels (channel, last_seq) VALUES (?, ?) "
                 "ON CONFLICT (channel) DO UPDATE SET last_seq = MAX(last_seq, excluded.last_seq)",

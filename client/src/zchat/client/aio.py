@@ -136,7 +136,13 @@ class AsyncClient:
         self._sub: zmq.asyncio.Socket | None = None
         self._waiters: dict[int, asyncio.Future[Reply]] = {}
         self._syncs: dict[str, asyncio.Future[int]] = {}
-        self._events: asyncio.Queue[Event | None] = asyncio.Queue(max_queued_events)
+        # Unbounded, so a batch of released events goes in whole and in order (two writers
+        # awaiting put() on a full queue would interleave); reading pauses instead while
+        # more than max_queued_events wait (_wait_for_room).
+        self._events: asyncio.Queue[Event | None] = asyncio.Queue()
+        self._max_queued = max_queued_events
+        self._room_for_events = asyncio.Event()
+        self._room_for_events.set()
         self._io_tasks: list[asyncio.Task[None]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._fills: dict[str, asyncio.Task[None]] = {}
@@ -189,7 +195,7 @@ class AsyncClient:
         if joined.topic.encode() not in known_topics:
             await self._subscribe(joined.topic.encode())
         count = self.join_history if history is None else history
-        self.core.open_feed(joined.room, joined.seq, min(count, self.core.max_page))
+        self._deliver(self.core.open_feed(joined.room, joined.seq, min(count, self.core.max_page)))
         await self._fill(joined.room)
         return joined
 
@@ -205,15 +211,14 @@ class AsyncClient:
         """Send ``text`` to ``room`` (a ``/me`` action if ``action``); return its id and seq.
 
         ``cmid`` (default: a fresh one) makes resends recognisable; the same ``cmid`` sent
-        again by this client is answered with the original message, not stored twice.
+        again by this client identity is answered with the original message, not stored
+        twice — also by a restarted process that passes the same ``client_id``.
         """
-        cmid = cmid or self.core.new_cmid()
-        return await self._send(lambda retry: (Say, room, text, action, cmid, retry))
+        return await self._send(Say, room, text, action, cmid)
 
     async def dm(self, nick: str, text: str, *, action: bool = False, cmid: str | None = None) -> Sent:
         """Send ``text`` privately to ``nick`` (resent like :meth:`say`)."""
-        cmid = cmid or self.core.new_cmid()
-        return await self._send(lambda retry: (Dm, nick, text, action, cmid, retry))
+        return await self._send(Dm, nick, text, action, cmid)
 
     async def who(self, room: str) -> list[str]:
         """The nicks of ``room``'s members."""
@@ -262,8 +267,6 @@ class AsyncClient:
                 await self._request(Bye, wait=False, timeout=min(self.timeout, 1.0))
         await self._close_sockets()
         self._set_state(ClientState.CLOSED)
-        if self._events.full():
-            self._events.get_nowait()
         self._events.put_nowait(None)  # wakes every reader of events()
         if self._own_context:
             self._ctx.term()
@@ -288,6 +291,8 @@ class AsyncClient:
         if self.state is ClientState.CLOSED and self._events.empty():
             raise ConnectionClosed("the client is closed")
         event = await asyncio.wait_for(self._events.get(), timeout)
+        if self._events.qsize() < self._max_queued:
+            self._room_for_events.set()
         if event is None:
             self._events.put_nowait(None)  # leave the end marker for the next reader
             raise ConnectionClosed("the client is closed")
@@ -344,15 +349,19 @@ class AsyncClient:
             )
         return reply
 
-    async def _send(self, build: Callable[[bool], tuple[Any, ...]]) -> Sent:
-        """Send a say/dm until acknowledged, resending (flagged) after timeouts and reconnects."""
+    async def _send(self, cls: type[Say | Dm], target: str, text: str, action: bool, cmid: str | None) -> Sent:
+        """Send a say/dm until acknowledged, resending (flagged) after timeouts and reconnects.
+
+        A caller-chosen ``cmid`` may be a resend from an earlier process, so even the first
+        attempt is flagged ``retry``: the broker then also looks the cmid up in its store.
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.send_timeout
-        retry = False
+        retry = cmid is not None
+        cmid = cmid or self.core.new_cmid()
         while True:
-            cls, *args = build(retry)
             try:
-                return await self._call(Sent, cls, *args)
+                return await self._call(Sent, cls, target, text, action, cmid, retry)
             except (RequestTimeout, ConnectionClosed, RequestError) as exc:
                 if not worth_retrying(exc) or self.state is ClientState.CLOSED or loop.time() >= deadline:
                     raise
@@ -408,8 +417,8 @@ class AsyncClient:
         room = None if key == DM else key
         while feed is not None and (after := feed.gap()) is not None:
             page = await self._call(HistoryPage, History, room, room is None, None, after, self.core.max_page)
-            for event in self.core.accept_history(key, after, page):
-                await self._events.put(event)
+            self._deliver(self.core.accept_history(key, after, page))
+            await self._room_for_events.wait()
             if not page.more and feed.gap() == after:
                 break  # nothing more to have (it may come with a later tick)
             feed = self.core.feeds.get(key)
@@ -513,7 +522,7 @@ class AsyncClient:
                 for room in list(self.core.rooms):
                     joined = await self._call(Joined, Join, room, wait=False)
                     await self._subscribe(joined.topic.encode())
-                    self.core.open_feed(joined.room, joined.seq, 0)
+                    self._deliver(self.core.open_feed(joined.room, joined.seq, 0))
                 self._set_state(ClientState.CONNECTED)
                 log.info("reconnected as %s", self.core.nick)
                 for key in list(self.core.feeds):
@@ -557,8 +566,18 @@ class AsyncClient:
             elif type(reply) is ErrorReply and reply.rid is None:
                 log.warning("the broker could not read a request: %s", reply.reason)
 
+    def _deliver(self, events: list[Event]) -> None:
+        """Queue events for the application, all at once (so batches never interleave)."""
+        for event in events:
+            self._events.put_nowait(event)
+        if self._events.qsize() >= self._max_queued:
+            self._room_for_events.clear()
+
     async def _read_events(self, sub: zmq.asyncio.Socket) -> None:
         while True:
+            # Backpressure: while the application is behind, leave publications in the
+            # socket (the broker drops past its high-water mark; gap repair refetches).
+            await self._room_for_events.wait()
             frames = await sub.recv_multipart()
             try:
                 event = self.core.receive_event(frames)
@@ -570,8 +589,7 @@ class AsyncClient:
                 if future is not None and not future.done():
                     future.set_result(event.seq or 0)
                 continue
-            for delivered in self.core.accept(event):
-                await self._events.put(delivered)
+            self._deliver(self.core.accept(event))
             key = DM if event.room is None else event.room
             feed = self.core.feeds.get(key)
             if feed is not None and feed.gap() is not None:

@@ -52,19 +52,31 @@ class Feed:
     ``last`` is the seq of the last event delivered; ``known`` the highest seq known to
     exist (from events, ticks and replies). While ``known > last`` something is missing and
     :meth:`gap` says where to fetch from.
+
+    A feed made with ``last=None`` is not started: it holds every event it is offered until
+    :meth:`start` says where delivery begins (a room's feed exists from its ``joined``
+    reply, so live events that race the join's history are held, not delivered early).
     """
 
-    def __init__(self, last: int = 0) -> None:
-        self.last = last
-        self.known = last
+    def __init__(self, last: int | None = 0) -> None:
+        self.started = last is not None
+        self.last = last or 0
+        self.known = self.last
         self._held: dict[int, Event] = {}
+
+    def start(self, last: int) -> list[Event]:
+        """Begin delivery after ``last`` (no-op if started); return what became deliverable."""
+        if self.started:
+            return []
+        self.started = True
+        return self.skip_to(last, deliver_held=False)
 
     def offer(self, event: Event) -> list[Event]:
         """Take ``event``; return the events now deliverable, in order (maybe none)."""
         seq = event.seq
         assert seq is not None
         self.known = max(self.known, seq)
-        if seq <= self.last or seq in self._held:
+        if (self.started and seq <= self.last) or seq in self._held:
             return []  # a duplicate: delivered already, or already waiting
         self._held[seq] = event
         return self._release()
@@ -73,20 +85,30 @@ class Feed:
         """Learn that ``seq`` exists (a tick, a join or history reply)."""
         self.known = max(self.known, seq)
 
-    def skip_to(self, seq: int) -> list[Event]:
-        """Everything up to ``seq`` is gone for good (retention): stop waiting for it."""
+    def skip_to(self, seq: int, *, deliver_held: bool = True) -> list[Event]:
+        """Stop waiting for anything up to ``seq``: it is gone (pruned) or not wanted.
+
+        Events already held at or below ``seq`` are delivered first, in order (they are real
+        messages that arrived live), unless ``deliver_held`` is false (not wanted: before
+        the history a join asked for).
+        """
+        out: list[Event] = []
         if seq > self.last:
+            for old in sorted(s for s in self._held if s <= seq):
+                event = self._held.pop(old)
+                if deliver_held:
+                    out.append(event)
             self.last = seq
-            for old in [s for s in self._held if s <= seq]:
-                del self._held[old]
-        return self._release()
+        return out + self._release()
 
     def gap(self) -> int | None:
         """The seq to fetch after, if anything is missing; else None."""
-        return self.last if self.known > self.last else None
+        return self.last if self.started and self.known > self.last else None
 
     def _release(self) -> list[Event]:
         out: list[Event] = []
+        if not self.started:
+            return out
         while (event := self._held.pop(self.last + 1, None)) is not None:
             out.append(event)
             self.last += 1
@@ -118,6 +140,7 @@ class ClientCore:
         self.max_page = 200
         self.motd = ""
         self.sync_epoch: int | None = None
+        self.epoch: int | None = None  # the broker's history epoch (Welcome.epoch)
 
     def request(self, cls: type[Request], *args: Any, **kwargs: Any) -> Outgoing:
         """Build and encode a request of type ``cls`` with a fresh request id."""
@@ -140,9 +163,15 @@ class ClientCore:
             self.nick, self.topic = reply.nick, reply.topic.encode()
             self.heartbeat, self.session_timeout, self.motd = reply.heartbeat, reply.timeout, reply.motd
             self.max_page = reply.max_page
+            if self.epoch is not None and reply.epoch != self.epoch:
+                # The broker's history started over: every seq we remember is void, and
+                # everything in the new history is news to us.
+                self.feeds = {key: Feed(0) for key in self.feeds}
+            self.epoch = reply.epoch
             self.feeds.setdefault(DM, Feed(reply.dm_seq)).note(reply.dm_seq)
         elif type(reply) is Joined:
             self.rooms[reply.room] = reply.topic.encode()
+            self.feeds.setdefault(reply.room, Feed(None)).note(reply.seq)
         elif type(reply) is Left:
             self.rooms.pop(reply.room, None)
             self.feeds.pop(reply.room, None)
@@ -152,17 +181,16 @@ class ClientCore:
             self.reset()
         return reply
 
-    def open_feed(self, room: str, seq: int, history: int) -> Feed:
-        """The feed of a room just joined whose last seq is ``seq``.
+    def open_feed(self, room: str, seq: int, history: int) -> list[Event]:
+        """Start the feed of a room just joined, whose last seq is ``seq``.
 
         A new feed starts ``history`` messages back; a feed kept from before a reconnect
-        carries on from where it was, so everything missed is fetched.
+        carries on from where it was, so everything missed is fetched. Returns what became
+        deliverable (live events held while the join was under way).
         """
-        feed = self.feeds.get(room)
-        if feed is None:
-            feed = self.feeds[room] = Feed(max(0, seq - history))
+        feed = self.feeds.setdefault(room, Feed(None))
         feed.note(seq)
-        return feed
+        return feed.start(max(0, seq - history))
 
     def receive_event(self, frames: list[bytes]) -> Event:
         """Decode a publication (topic frame, envelope frame).

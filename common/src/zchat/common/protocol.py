@@ -25,7 +25,9 @@ from .limits import DEFAULT_LIMITS, Limits
 from .names import check_text, normalize_nick, normalize_room
 
 PROTOCOL_VERSION = 1
-MAX_RID = 2**63 - 1
+#: Every integer field is 0 to 2**63-1 (msgpack can carry up to 2**64-1; SQLite cannot).
+MAX_INT = 2**63 - 1
+MAX_RID = MAX_INT
 
 Map = dict[str, Any]
 
@@ -46,8 +48,8 @@ def get_str(m: Map, field: str, rid: int | None = None) -> str:
 
 def get_int(m: Map, field: str, rid: int | None = None) -> int:
     value = m.get(field)
-    if type(value) is not int or value < 0:
-        raise _invalid(field, "a non-negative integer", rid)
+    if type(value) is not int or not 0 <= value <= MAX_INT:
+        raise _invalid(field, "an integer from 0 to 2**63-1", rid)
     return value
 
 
@@ -357,7 +359,9 @@ class Welcome:
     ``client`` is the client identity (the one sent, or one made up for the client);
     ``dm_seq`` the last seq of the client's DM inbox; ``resumed`` is true when the hello
     took over this client's live session from an earlier connection; ``max_page`` caps
-    ``history`` pages.
+    ``history`` pages; ``epoch`` identifies the broker's message history: when it differs
+    from the one a reconnecting client saw before, the history started over (sequence
+    numbers begin again) and the client must forget the ones it remembers.
     """
 
     KIND: ClassVar[ReplyKind] = ReplyKind.WELCOME
@@ -371,6 +375,7 @@ class Welcome:
     dm_seq: int = 0
     resumed: bool = False
     max_page: int = 200
+    epoch: int = 0
 
     @classmethod
     def from_map(cls, m: Map, rid: int) -> Welcome:
@@ -385,6 +390,7 @@ class Welcome:
             get_int(m, "dm_seq"),
             get_bool(m, "resumed"),
             get_int(m, "max_page"),
+            get_int(m, "epoch"),
         )
 
     def to_map(self) -> Map:
@@ -399,6 +405,7 @@ class Welcome:
             "dm_seq": self.dm_seq,
             "resumed": self.resumed,
             "max_page": self.max_page,
+            "epoch": self.epoch,
         }
 
 
@@ -650,7 +657,7 @@ class Event:
     def to_map(self) -> Map:
         out: Map = {
             "v": PROTOCOL_VERSION,
-            "kind": self.kind.value,
+            "kind": self.kind,  # a StrEnum packs as its value; .value costs a descriptor call
             "sender": self.sender,
             "text": self.text,
             "ts": self.ts,
