@@ -39,15 +39,15 @@ def _invalid(field: str, what: str, rid: int | None) -> ProtocolError:
     return ProtocolError(ErrorCode.INVALID, f"{field!r} must be {what}", rid=rid, field=field)
 
 
-def get_str(m: Map, field: str, rid: int | None = None) -> str:
-    value = m.get(field)
+def get_str(m: Map, field: str, rid: int | None = None, default: str | None = None) -> str:
+    value = m.get(field, default)
     if type(value) is not str:
         raise _invalid(field, "a string", rid)
     return value
 
 
-def get_int(m: Map, field: str, rid: int | None = None) -> int:
-    value = m.get(field)
+def get_int(m: Map, field: str, rid: int | None = None, default: int | None = None) -> int:
+    value = m.get(field, default)
     if type(value) is not int or not 0 <= value <= MAX_INT:
         raise _invalid(field, "an integer from 0 to 2**63-1", rid)
     return value
@@ -386,11 +386,12 @@ class Welcome:
             get_str(m, "motd"),
             get_float(m, "heartbeat"),
             get_float(m, "timeout"),
-            get_str(m, "client"),
-            get_int(m, "dm_seq"),
+            # Fields added after the first v1 brokers: optional, so such a broker still works.
+            get_str(m, "client", default=""),
+            get_int(m, "dm_seq", default=0),
             get_bool(m, "resumed"),
-            get_int(m, "max_page"),
-            get_int(m, "epoch"),
+            get_int(m, "max_page", default=200),
+            get_int(m, "epoch", default=0),
         )
 
     def to_map(self) -> Map:
@@ -422,7 +423,7 @@ class Joined:
 
     @classmethod
     def from_map(cls, m: Map, rid: int) -> Joined:
-        return cls(rid, get_str(m, "room"), get_str(m, "topic"), get_str_list(m, "members"), get_int(m, "seq"))
+        return cls(rid, get_str(m, "room"), get_str(m, "topic"), get_str_list(m, "members"), get_int(m, "seq", default=0))
 
     def to_map(self) -> Map:
         return {
@@ -468,7 +469,7 @@ class Sent:
 
     @classmethod
     def from_map(cls, m: Map, rid: int) -> Sent:
-        return cls(rid, get_int(m, "id"), get_float(m, "ts"), get_int(m, "seq"), get_bool(m, "dup"))
+        return cls(rid, get_int(m, "id"), get_float(m, "ts"), get_int(m, "seq", default=0), get_bool(m, "dup"))
 
     def to_map(self) -> Map:
         out = {"v": PROTOCOL_VERSION, "kind": "sent", "rid": self.rid, "id": self.id, "ts": self.ts, "seq": self.seq}
