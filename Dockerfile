@@ -1,16 +1,30 @@
-# One image, three entry points (zchat-broker, zchat-client); the compose file picks one.
-FROM python:3.11-slim
+# syntax=docker/dockerfile:1
+# Two images from one file, each installing only what its service runs:
+#   docker build --target broker -t zchat-broker .     (zchat-common + zchat-broker)
+#   docker build --target client -t zchat-client .     (zchat-common + zchat-client: CLI and bots)
+FROM python:3.11-slim AS base
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN useradd --create-home --uid 10001 zchat
 WORKDIR /src
 COPY common/ common/
+
+FROM base AS broker
 COPY broker/ broker/
-COPY client/ client/
-RUN pip install ./common ./broker ./client && rm -rf /src
-RUN useradd --create-home --uid 10001 zchat && mkdir /data && chown zchat:zchat /data
+RUN pip install ./common ./broker && rm -rf /src \
+    && mkdir /data && chown zchat:zchat /data
 # The message store; a named volume mounted here inherits the zchat user's ownership.
 ENV ZCHAT_DATA_DIR=/data
 VOLUME ["/data"]
 USER zchat
 WORKDIR /home/zchat
-EXPOSE 5555 5556
+EXPOSE 5555 5556 9100
+# Asks the broker itself (a stats request through its ROUTER), not just whether a port is open.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=5s --retries=3 CMD ["zchat-broker", "check", "--timeout", "3"]
 CMD ["zchat-broker"]
+
+FROM base AS client
+COPY client/ client/
+RUN pip install ./common ./client && rm -rf /src
+USER zchat
+WORKDIR /home/zchat
+ENTRYPOINT ["zchat-client"]

@@ -46,6 +46,8 @@ from zchat.common.protocol import (
     Rooms,
     Say,
     Sent,
+    StatsReply,
+    StatsRequest,
     Welcome,
     Who,
 )
@@ -81,6 +83,7 @@ REQUESTS: list[Request] = [
     History(15, room="general", before=10, limit=20),
     History(16, dm=True, after=3),
     History(17, room="general"),
+    StatsRequest(18),
 ]
 REPLIES: list[Reply] = [
     Welcome(1, "ann", TOPIC, "be nice", 5.0, 15.0),
@@ -94,6 +97,7 @@ REPLIES: list[Reply] = [
     Joined(2, "general", "r/general/", ("ann",), 42),
     HistoryPage(12, "general", (Event(EventKind.MESSAGE, "general", "ann", "hi", 1.5, 1, seq=1),), 1, False),
     HistoryPage(12, None, (), 0, False),
+    StatsReply(13, "0.1.0", 12.5, {"sessions": 3, "requests_total": 1234, "last_commit_seconds": 0.0005}),
     Members(5, "general", ("ann", "bob")),
     RoomList(6, (RoomInfo("dev", 1), RoomInfo("general", 2))),
     RoomList(6, ()),
@@ -114,6 +118,7 @@ EVENTS: list[Event] = [
     Event(EventKind.SYNC, None, "", "a1b2c3", 1.5, 7),
     Event(EventKind.MESSAGE, "general", "ann", "hi", 1.5, 8, seq=3),
     Event(EventKind.TICK, "general", "", "", 1.5, 9, seq=3),
+    Event(EventKind.GOAWAY, None, "", "the broker is shutting down", 1.5, 10),
 ]
 
 

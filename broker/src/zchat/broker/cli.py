@@ -1,33 +1,30 @@
-"""``zchat-broker``: run the broker until SIGINT or SIGTERM; ``zchat-broker export``: dump a room.
+"""``zchat-broker``: run the broker; its subcommands ``export``, ``status`` and ``check``.
 
-``zchat-broker [OPTIONS]`` serves. ``zchat-broker export --room ROOM [--since WHEN]`` writes
-a room's stored history as JSON lines (read-only, safe beside a running broker).
+* ``zchat-broker [OPTIONS]`` serves until SIGINT or SIGTERM; SIGHUP reloads the settings
+  that can change while it runs (log level and format, motd, retention, tick interval).
+* ``zchat-broker export --room ROOM`` writes a room's stored history as JSON lines.
+* ``zchat-broker status`` prints a running broker's figures; ``zchat-broker check`` exits 0
+  if a broker answers (the Docker HEALTHCHECK).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import logging
 import os
-import re
 import signal
 import sys
-import time
-from pathlib import Path
 from types import FrameType
 
 import zmq
 
 from zchat.common.config import add_options, resolve, setup_logging
-from zchat.common.errors import ConfigError, ProtocolError
-from zchat.common.names import normalize_room
+from zchat.common.errors import ConfigError
 
-from . import __version__
-from .config import ENV_DATA_DIR, OPTIONS, BrokerConfig
+from . import tools
+from ._version import __version__
+from .config import OPTIONS, BrokerConfig
 from .server import Broker
-from .store import SqliteStore, default_data_dir, export_room
 
 log = logging.getLogger("zchat.broker")
 
@@ -36,85 +33,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="zchat-broker",
         description="The zchat broker. Clients connect a DEALER to --router and a SUB to --pub. "
-        "'zchat-broker export --help' for exporting a room's history.",
+        "Subcommands: export (a room's history as JSON lines), status (a running broker's figures), "
+        "check (exit 0 if a broker answers); 'zchat-broker SUBCOMMAND --help'.",
     )
     parser.add_argument("--version", action="version", version=f"zchat-broker {__version__}")
     add_options(parser, OPTIONS)
     return parser
 
 
-_RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_since(value: str, now: float | None = None) -> float:
-    """``--since``: an ISO date or date-time (local time unless it says), or an age: 90m, 2h, 7d."""
-    now = time.time() if now is None else now
-    if match := _RELATIVE.match(value.strip()):
-        return now - float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-    try:
-        when = dt.datetime.fromisoformat(value.strip())
-    except ValueError:
-        raise ValueError("expected an ISO date/time (2026-11-21, 2026-11-21T09:30) or an age (90m, 2h, 7d)") from None
-    return when.timestamp()  # naive means local time
-
-
-def export_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="zchat-broker export", description="Write a room's stored history as JSON lines, oldest first."
-    )
-    parser.add_argument("--room", required=True, help="the room to export")
-    parser.add_argument("--since", help="only messages from then on: ISO date/time or an age like 2h, 7d")
-    parser.add_argument("--after", type=int, help="only messages with a greater seq")
-    parser.add_argument(
-        "--data-dir", type=Path, default=None, help=f"the broker's data directory (env {ENV_DATA_DIR})"
-    )
-    parser.add_argument("--output", "-o", type=Path, help="write here instead of stdout")
-    args = parser.parse_args(argv)
-    try:
-        room = normalize_room(args.room)
-        since = parse_since(args.since) if args.since else None
-    except (ProtocolError, ValueError) as exc:
-        parser.error(str(getattr(exc, "reason", exc)))
-    data_dir = args.data_dir or Path(os.environ.get(ENV_DATA_DIR) or default_data_dir())
-    out = args.output.open("w", encoding="utf-8") if args.output else sys.stdout
-    count = 0
-    try:
-        for m in export_room(data_dir / SqliteStore.FILENAME, room, since=since, after=args.after):
-            record = {
-                "room": m.room,
-                "seq": m.seq,
-                "id": m.id,
-                "ts": m.ts,
-                "time": dt.datetime.fromtimestamp(m.ts, dt.UTC).isoformat(timespec="milliseconds"),
-                "kind": m.kind,
-                "sender": m.sender,
-                "text": m.text,
-            }
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
-            count += 1
-    except FileNotFoundError as exc:
-        print(f"zchat-broker export: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        if out is not sys.stdout:
-            out.close()
-    print(f"zchat-broker export: {count} messages of #{room}", file=sys.stderr)
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     """Parse options, bind, serve until SIGINT/SIGTERM; return the exit status."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["export"]:
-        return export_main(argv[1:])
+    subcommand = tools.SUBCOMMANDS.get(argv[0]) if argv else None
+    if subcommand is not None:
+        return subcommand(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        config = BrokerConfig.from_values(resolve(OPTIONS, args, os.environ))
+        config = BrokerConfig.from_values(resolve(OPTIONS, args, os.environ, section="broker"))
     except ConfigError as exc:
         parser.error(str(exc))
-    setup_logging(config.log_level)
+    setup_logging(config.log_level, config.log_format)
     try:
         broker = Broker(config)
     except zmq.ZMQError as exc:
@@ -126,7 +65,21 @@ def main(argv: list[str] | None = None) -> int:
             log.info("received %s, stopping", signal.Signals(signum).name)
         broker.stop()
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    def reload() -> None:
+        try:
+            fresh = BrokerConfig.from_values(resolve(OPTIONS, args, os.environ, section="broker"))
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running settings: %s", exc)
+            return
+        setup_logging(fresh.log_level, fresh.log_format)
+        broker.reload(fresh)
+
+    def on_hangup(signum: int, frame: FrameType | None) -> None:
+        log.info("received SIGHUP, reloading settings")
+        broker.submit(reload)
+
+    handlers = {signal.SIGINT: on_signal, signal.SIGTERM: on_signal, signal.SIGHUP: on_hangup}
+    previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
     # Tools and tests read this line to learn the ports chosen for tcp://...:* endpoints.
     print(f"zchat-broker ready router={broker.router_endpoint} pub={broker.pub_endpoint}", flush=True)
     try:

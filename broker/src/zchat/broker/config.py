@@ -20,6 +20,15 @@ ENV_RETENTION_DAYS = "ZCHAT_RETENTION_DAYS"
 ENV_STORE_MAX_MB = "ZCHAT_STORE_MAX_MB"
 ENV_MAX_PAGE = "ZCHAT_MAX_PAGE"
 ENV_TICK_INTERVAL = "ZCHAT_TICK_INTERVAL"
+ENV_METRICS_PORT = "ZCHAT_METRICS_PORT"
+ENV_METRICS_HOST = "ZCHAT_METRICS_HOST"
+
+
+def _port(value: str) -> int:
+    number = int(value)
+    if not 0 <= number <= 65535:
+        raise ValueError("expected a port number, 0 to 65535")
+    return number
 
 
 def _choice(*allowed: str) -> Any:
@@ -64,6 +73,12 @@ OPTIONS = (
              "most messages one history reply holds", "COUNT"),
     c.Option("tick_interval", "--tick-interval", ENV_TICK_INTERVAL, 1.0, c.parse_positive_float,
              "seconds between ticks announcing active channels' last seq", "SECONDS"),
+    c.Option("log_format", "--log-format", c.ENV_LOG_FORMAT, "text", c.parse_log_format,
+             "log format: text or json (one object per line)", "FORMAT"),
+    c.Option("metrics_port", "--metrics-port", ENV_METRICS_PORT, None, _port,
+             "serve Prometheus metrics over HTTP on this port (unset: off)", "PORT"),
+    c.Option("metrics_host", "--metrics-host", ENV_METRICS_HOST, "127.0.0.1", c.parse_text,
+             "address the metrics endpoint binds", "HOST"),
 )
 
 
@@ -85,6 +100,9 @@ class BrokerConfig:
     store_max_mb: int = 0
     max_page: int = 200
     tick_interval: float = 1.0
+    log_format: str = "text"
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
 
     @property
     def retention_seconds(self) -> float | None:
@@ -110,4 +128,7 @@ class BrokerConfig:
             store_max_mb=values["store_max_mb"],
             max_page=values["max_page"],
             tick_interval=values["tick_interval"],
+            log_format=values["log_format"],
+            metrics_port=values["metrics_port"],
+            metrics_host=values["metrics_host"],
         )

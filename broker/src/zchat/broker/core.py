@@ -62,6 +62,8 @@ from zchat.common.protocol import (
     Rooms,
     Say,
     Sent,
+    StatsReply,
+    StatsRequest,
     Welcome,
     Who,
 )
@@ -120,6 +122,7 @@ class Stats:
     stored: int = 0
     duplicates: int = 0
     history_requests: int = 0
+    gap_fetches: int = 0  # history requests with 'after': clients repairing gaps
     commits: int = 0
     commit_failures: int = 0
     pruned: int = 0
@@ -141,6 +144,11 @@ class _Pending:
     reply_index: int
     publish_indices: list[int]
     cache_key: tuple[str, str] | None
+
+
+def _fields(event: str, session: Session) -> dict[str, str]:
+    """Structured fields of a session log line (JSON logs show them as keys)."""
+    return {"event": f"session_{event}", "nick": session.nick, "peer": session.peer.hex()}
 
 
 def client_hash(identity: str) -> str:
@@ -170,6 +178,7 @@ class BrokerCore:
         session_timeout: float = 15.0,
         max_page: int = 200,
         tick_horizon: float = 60.0,
+        version: str = "",
     ) -> None:
         self.store: Store = store if store is not None else MemoryStore()
         self.limits = limits
@@ -185,8 +194,12 @@ class BrokerCore:
         self.rooms: dict[str, Room] = {}
         self.room_topics: dict[bytes, Room] = {}
         self.stats = Stats()
+        self.version = version
+        #: Figures only the I/O layer can measure (commit and loop turn times), for ``stats``.
+        self.io_figures: dict[str, float] = {}
         self.now = 0.0  # wall clock, for timestamps
         self.mono = 0.0  # monotonic clock, for timeouts
+        self._started: float | None = None
         self._last_id = self.store.last_id()
         self._seqs: dict[str, int] = {}  # channel -> last seq handed out (committed or staged)
         self._batch_seqs: dict[str, int] = {}  # channel -> its last seq before this turn
@@ -209,6 +222,7 @@ class BrokerCore:
             Ping: self._ping,
             Bye: self._bye,
             History: self._history,
+            StatsRequest: self._stats,
             Hello: self._hello_again,
         }
 
@@ -218,6 +232,8 @@ class BrokerCore:
         """Tell the core the time; called once per loop turn, before the turn's inputs."""
         self.now = now
         self.mono = mono
+        if self._started is None:
+            self._started = mono
 
     def handle_request(self, peer: bytes, frame: bytes) -> None:
         """Handle one request frame from the DEALER whose routing id is ``peer``."""
@@ -299,7 +315,7 @@ class BrokerCore:
         deadline = self.mono - self.session_timeout
         expired = [s for s in self.sessions.values() if s.last_seen < deadline]
         for session in expired:
-            log.info("session %s (%s) timed out", session.nick, session.peer.hex())
+            log.info("session %s (%s) timed out", session.nick, session.peer.hex(), extra=_fields("timeout", session))
             self._end_session(session, "timed out")
         self.stats.sessions_expired += len(expired)
         return len(expired)
@@ -455,6 +471,8 @@ class BrokerCore:
             return self._hello(peer, request)
         if type(request) is Bye:
             return Goodbye(request.rid)  # already gone: bye is idempotent
+        if type(request) is StatsRequest:
+            return self._stats(None, request)
         return self._error(request.rid, ErrorCode.NO_SESSION, "no session: say hello first (or it expired)")
 
     def _end_session(self, session: Session, reason: str) -> None:
@@ -498,7 +516,8 @@ class BrokerCore:
         if session is not None:
             # The same client on a new connection (its old one died): move the session over.
             del self.sessions[session.peer]
-            log.info("session %s resumed (%s -> %s)", session.nick, session.peer.hex(), peer.hex())
+            log.info("session %s resumed (%s -> %s)", session.nick, session.peer.hex(), peer.hex(),
+                     extra={**_fields("resumed", session), "peer": peer.hex()})
             session.peer, session.last_seen = peer, self.mono
             self.sessions[peer] = session
             self.stats.sessions_resumed += 1
@@ -515,7 +534,7 @@ class BrokerCore:
         self.clients[chash] = session
         self.private_topics[topic] = session
         self.stats.sessions_opened += 1
-        log.info("session %s (%s) opened", req.nick, peer.hex())
+        log.info("session %s (%s) opened", req.nick, peer.hex(), extra=_fields("opened", session))
         return self._welcome(req.rid, session, identity, resumed=False)
 
     def _hello_again(self, session: Session, req: Hello) -> Reply:
@@ -591,6 +610,8 @@ class BrokerCore:
 
     def _history(self, session: Session, req: History) -> Reply:
         self.stats.history_requests += 1
+        if req.after is not None:
+            self.stats.gap_fetches += 1
         if req.dm:
             channel = session.inbox
         else:
@@ -604,6 +625,45 @@ class BrokerCore:
             Event(EventKind(m.kind), m.room, m.sender, m.text, m.ts, m.id, to=m.to, seq=m.seq) for m in stored
         )
         return HistoryPage(req.rid, req.room, events, self.store.last_seq(channel), len(stored) == limit > 0)
+
+    def _stats(self, session: Session | None, req: StatsRequest) -> Reply:
+        uptime = self.mono - self._started if self._started is not None else 0.0
+        return StatsReply(req.rid, self.version, uptime, self.snapshot())
+
+    def snapshot(self) -> dict[str, float]:
+        """Every gauge and counter by name (``stats`` replies and Prometheus read this)."""
+        stats = self.stats
+        figures: dict[str, float] = {
+            "sessions": len(self.sessions),
+            "rooms": len(self.rooms),
+            "members": sum(len(room.members) for room in self.rooms.values()),
+            "requests_total": stats.requests,
+            "published_total": stats.published,
+            "stored_total": stats.stored,
+            "duplicates_total": stats.duplicates,
+            "history_requests_total": stats.history_requests,
+            "gap_fetches_total": stats.gap_fetches,
+            "commits_total": stats.commits,
+            "commit_failures_total": stats.commit_failures,
+            "pruned_total": stats.pruned,
+            "sessions_opened_total": stats.sessions_opened,
+            "sessions_resumed_total": stats.sessions_resumed,
+            "sessions_expired_total": stats.sessions_expired,
+            "subscriptions_granted_total": stats.subscriptions_granted,
+            "subscriptions_denied_total": stats.subscriptions_denied,
+            "subscriptions_deferred_total": stats.subscriptions_deferred,
+            "rate_limited_total": stats.errors.get("rate_limited", 0),
+            "errors_total": sum(stats.errors.values()),
+        }
+        for code, count in dict(stats.errors).items():
+            figures[f"errors_total:{code}"] = count
+        figures.update(self.io_figures)
+        return figures
+
+    def going_away(self) -> None:
+        """Tell every session the broker is shutting down (so clients reconnect at once)."""
+        for session in self.sessions.values():
+            self._publish(session.topic, self._event(EventKind.GOAWAY, None, "", "the broker is shutting down"))
 
     def _who(self, session: Session, req: Who) -> Reply:
         room = self.rooms.get(req.room)
@@ -628,14 +688,15 @@ class BrokerCore:
         self.nicks[key] = session
         for room in session.rooms.values():
             self._publish(room.topic, self._event(EventKind.NICK, room.name, old, nick=req.nick))
-        log.info("session %s (%s) is now %s", old, session.peer.hex(), req.nick)
+        log.info("session %s (%s) is now %s", old, session.peer.hex(), req.nick,
+                 extra={**_fields("nick", session), "old_nick": old})
         return NickChanged(req.rid, req.nick)
 
     def _ping(self, session: Session, req: Ping) -> Reply:
         return Pong(req.rid, self.now)
 
     def _bye(self, session: Session, req: Bye) -> Reply:
-        log.info("session %s (%s) said bye", session.nick, session.peer.hex())
+        log.info("session %s (%s) said bye", session.nick, session.peer.hex(), extra=_fields("bye", session))
         self._end_session(session, "quit")
         return Goodbye(req.rid)
 

@@ -14,6 +14,7 @@ over its high-water mark.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import queue
 import socket
@@ -24,8 +25,10 @@ from typing import Any
 
 import zmq
 
+from ._version import __version__
 from .config import BrokerConfig
 from .core import BrokerCore, Subscription
+from .metrics import Metrics
 from .store import MemoryStore, SqliteStore, Store
 
 log = logging.getLogger("zchat.broker")
@@ -74,12 +77,15 @@ class Broker:
             motd=config.motd,
             session_timeout=config.session_timeout,
             max_page=config.max_page,
+            version=__version__,
         )
         #: Seconds the last store commit took (for metrics and the benchmark).
         self.last_commit_seconds = 0.0
         self._calls: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
         self._own_context = context is None
         self._closed = False
+        #: The Prometheus endpoint, when --metrics-port is set; metrics.port is the real port.
+        self.metrics: Metrics | None = None
         self._ctx = context or zmq.Context()
         self._stopping = False
         self._wake_r, self._wake_w = socket.socketpair()
@@ -98,6 +104,13 @@ class Broker:
             raise
         self.router_endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
         self.pub_endpoint = self.xpub.getsockopt_string(zmq.LAST_ENDPOINT)
+        if config.metrics_port is not None:
+            self.metrics = Metrics(lambda: self.submit(self.core.snapshot))
+            try:
+                self.metrics.serve(config.metrics_host, config.metrics_port)
+            except OSError:
+                self.close()
+                raise
 
     def _socket(self, kind: int, max_msg_size: int, endpoint: str) -> zmq.Socket[bytes]:
         sock = self._ctx.socket(kind)
@@ -144,14 +157,16 @@ class Broker:
         poller.register(self.router, zmq.POLLIN)
         poller.register(self.xpub, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
-        core, config = self.core, self.config
-        sweep_every = min(1.0, config.session_timeout / 4)
+        core = self.core
         now = time.monotonic()
-        next_sweep, next_tick, next_prune = now + sweep_every, now + config.tick_interval, now + PRUNE_EVERY
+        next_sweep, next_tick = now + self._sweep_every(), now + self.config.tick_interval
+        next_prune = now + PRUNE_EVERY
+        metrics, turns = self.metrics, 0
         try:
             while not self._stopping:
                 deadline = min(next_sweep, next_tick, next_prune)
                 ready = poller.poll(max(0, int((deadline - time.monotonic()) * 1000) + 1))
+                turn_start = time.perf_counter()
                 mono = time.monotonic()
                 core.set_time(time.time(), mono)
                 for sock, _ in ready:
@@ -162,9 +177,10 @@ class Broker:
                     else:
                         self._drain_wakeup()
                 self._commit()
+                config = self.config  # reload() may replace it between turns
                 if mono >= next_sweep:
                     core.expire_sessions()
-                    next_sweep = mono + sweep_every
+                    next_sweep = mono + self._sweep_every()
                 if mono >= next_tick:
                     core.tick()
                     next_tick = mono + config.tick_interval
@@ -172,15 +188,49 @@ class Broker:
                     core.prune(config.retention_messages, config.retention_seconds, PRUNE_BUDGET)
                     next_prune = mono + PRUNE_EVERY
                 self._flush()
+                turns += 1
+                if metrics is not None:
+                    metrics.turn_seconds.observe(time.perf_counter() - turn_start)
+                if turns & 0xFF == 0:
+                    core.io_figures["loop_turns_total"] = turns
+            # Stopping: this turn's messages are committed and sent; tell every session we
+            # are going, so clients reconnect to our successor at once instead of waiting
+            # for a heartbeat to fail.
+            core.io_figures["loop_turns_total"] = turns
+            core.going_away()
+            self._flush()
         finally:
             self.close()
         log.info("zchat broker stopped")
+
+    def _sweep_every(self) -> float:
+        return min(1.0, self.config.session_timeout / 4)
+
+    def reload(self, fresh: BrokerConfig) -> None:
+        """Apply what can change while running (call on the loop's thread: :meth:`submit`).
+
+        The motd, retention, tick interval and session timeout take effect (log settings are
+        the caller's); endpoints, store, data directory, metrics endpoint and size limits
+        need a restart, and a change to them is logged.
+        """
+        for name in ("router", "pub", "store", "data_dir", "durability", "metrics_port", "metrics_host"):
+            if getattr(fresh, name) != getattr(self.config, name):
+                log.warning("%s changed to %r: restart the broker to apply it", name, getattr(fresh, name))
+        keep = {name: getattr(self.config, name) for name in ("router", "pub", "store", "data_dir", "durability",
+                                                              "metrics_port", "metrics_host", "limits")}
+        self.config = dataclasses.replace(fresh, **keep)
+        self.core.motd = fresh.motd
+        self.core.session_timeout, self.core.heartbeat = fresh.session_timeout, fresh.session_timeout / 3
+        log.info("settings reloaded")
 
     def _commit(self) -> None:
         if self.core.staged:
             start = time.perf_counter()
             self.core.commit()
             self.last_commit_seconds = time.perf_counter() - start
+            self.core.io_figures["last_commit_seconds"] = self.last_commit_seconds
+            if self.metrics is not None:
+                self.metrics.commit_seconds.observe(self.last_commit_seconds)
 
     def _drain_router(self) -> None:
         recv, core = self.router.recv, self.core
@@ -256,6 +306,8 @@ class Broker:
         if self._closed:
             return
         self._closed = True
+        if self.metrics is not None:
+            self.metrics.close()
         for sock in (self.router, self.xpub):
             sock.close()
         self.store.close()

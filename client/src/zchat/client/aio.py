@@ -589,6 +589,9 @@ class AsyncClient:
                 if future is not None and not future.done():
                     future.set_result(event.seq or 0)
                 continue
+            if event.kind is EventKind.GOAWAY:  # the broker is stopping: reconnect (to its successor)
+                self._lose(event.text or "the broker is going away")
+                continue
             self._deliver(self.core.accept(event))
             key = DM if event.room is None else event.room
             feed = self.core.feeds.get(key)

@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        values = c.resolve(OPTIONS, args, os.environ)
+        values = c.resolve(OPTIONS, args, os.environ, section="client")
     except ConfigError as exc:
         parser.error(str(exc))
     # The user sees connection trouble as status lines; library warnings only with the env set.

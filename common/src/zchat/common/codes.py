@@ -22,6 +22,7 @@ class RequestKind(StrEnum):
     PING = "ping"
     BYE = "bye"
     HISTORY = "history"
+    STATS = "stats"
 
 
 class ReplyKind(StrEnum):
@@ -37,6 +38,7 @@ class ReplyKind(StrEnum):
     PONG = "pong"  # ping
     GOODBYE = "goodbye"  # bye
     HISTORY = "history"  # history
+    STATS = "stats"  # stats
     ERROR = "error"  # any request
 
 
@@ -51,6 +53,7 @@ class EventKind(StrEnum):
     DM = "dm"
     SYNC = "sync"
     TICK = "tick"
+    GOAWAY = "goaway"
 
 
 class ErrorCode(StrEnum):

@@ -1,20 +1,37 @@
-"""Configuration plumbing shared by the CLIs: options that are flags and ``ZCHAT_*`` variables.
+"""Configuration plumbing shared by the CLIs: flags, ``ZCHAT_*`` variables and a TOML file.
 
 Each :class:`Option` is declared once, with its environment variable, default, parser and
-help; :func:`add_options` turns a table of them into argparse flags and :func:`resolve`
-applies the precedence *flag > environment > default*, parsing every value and raising
-:class:`~zchat.common.errors.ConfigError` naming the option when one is invalid.
+help; :func:`add_options` turns a table of them into argparse flags (plus ``--config``) and
+:func:`resolve` applies the precedence *flag > environment > config file > default*,
+parsing every value and raising :class:`~zchat.common.errors.ConfigError` naming the
+option (or the file and key) when one is invalid.
+
+The config file (``--config FILE`` or ``ZCHAT_CONFIG``) is TOML. Keys are option names,
+with ``-`` or ``_``: ``session-timeout = 30``. Top-level keys apply to the program reading
+the file; a ``[broker]``, ``[client]`` or ``[bot]`` table applies to that program only and
+wins over top-level keys, so one file can serve all of them.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import sys
+import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+
+#: A TOML config file to read (same as --config).
+ENV_CONFIG = "ZCHAT_CONFIG"
+#: Log format: text (default) or json (one JSON object per line).
+ENV_LOG_FORMAT = "ZCHAT_LOG_FORMAT"
+#: Program sections a config file may have.
+SECTIONS = ("broker", "client", "bot")
 
 #: The broker's ROUTER endpoint (clients connect their DEALER here).
 ENV_ROUTER = "ZCHAT_ROUTER"
@@ -106,7 +123,11 @@ class Option:
 
 
 def add_options(parser: argparse.ArgumentParser, options: Iterable[Option]) -> None:
-    """Add one flag per option; its argparse default is None so that unset flags show."""
+    """Add ``--config`` and one flag per option (argparse default None, so unset flags show)."""
+    if not any(action.dest == "config" for action in parser._actions):
+        parser.add_argument(
+            "--config", metavar="FILE", default=None, help=f"a TOML config file (env {ENV_CONFIG})"
+        )
     for opt in options:
         parser.add_argument(
             opt.flag,
@@ -117,20 +138,63 @@ def add_options(parser: argparse.ArgumentParser, options: Iterable[Option]) -> N
         )
 
 
-def resolve(
-    options: Iterable[Option], args: argparse.Namespace, environ: Mapping[str, str]
-) -> dict[str, Any]:
-    """Each option's value by precedence flag > environment > default, parsed.
+def load_config_file(path: Path, options: Iterable[Option], section: str | None) -> dict[str, Any]:
+    """The values a TOML config file gives the options, by option name (unparsed).
 
     Raises:
-        ConfigError: naming the flag or variable whose value is invalid.
+        ConfigError: the file cannot be read or parsed, or names an unknown option.
     """
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError("--config", str(path), exc.strerror or str(exc)) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("--config", str(path), f"not valid TOML: {exc}") from None
+    known = {opt.name for opt in options}
+    values: dict[str, Any] = {}
+    tables = [{k: v for k, v in data.items() if not isinstance(v, dict)}]
+    if section is not None and isinstance(data.get(section), dict):
+        tables.append(data[section])
+    for table in tables:
+        for key, value in table.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ConfigError(f"{path}: {key}", value, "no such option")
+            values[name] = value
+    for key, value in data.items():
+        if isinstance(value, dict) and key not in SECTIONS:
+            raise ConfigError(f"{path}: [{key}]", "...", f"unknown table (use one of {', '.join(SECTIONS)})")
+    return values
+
+
+def resolve(
+    options: Iterable[Option],
+    args: argparse.Namespace,
+    environ: Mapping[str, str],
+    *,
+    section: str | None = None,
+) -> dict[str, Any]:
+    """Each option's value by precedence flag > environment > config file > default, parsed.
+
+    The config file is ``args.config`` or ``$ZCHAT_CONFIG`` (none if neither is set);
+    ``section`` names the table of it that is this program's own.
+
+    Raises:
+        ConfigError: naming the flag, variable or file key whose value is invalid.
+    """
+    options = list(options)
+    config_path = getattr(args, "config", None) or environ.get(ENV_CONFIG)
+    from_file = load_config_file(Path(config_path), options, section) if config_path else {}
     values: dict[str, Any] = {}
     for opt in options:
         raw: str | None = getattr(args, opt.name, None)
         source = opt.flag
         if raw is None and opt.env in environ:
             raw, source = environ[opt.env], opt.env
+        if raw is None and opt.name in from_file:
+            value = from_file[opt.name]
+            raw, source = (str(value).lower() if isinstance(value, bool) else str(value)), f"{config_path}: {opt.name}"
         if raw is None:
             values[opt.name] = opt.default
             continue
@@ -141,9 +205,42 @@ def resolve(
     return values
 
 
-def setup_logging(level: str) -> None:
-    """Human-readable logs on stderr at ``level``."""
-    logging.basicConfig(
-        level=getattr(logging, level),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-    )
+def parse_log_format(value: str) -> str:
+    name = value.strip().lower()
+    if name not in ("text", "json"):
+        raise ValueError("expected text or json")
+    return name
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, message, and any ``extra=`` fields."""
+
+    _STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": round(record.created, 6),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in self._STANDARD and not key.startswith("_"):
+                out[key] = value if isinstance(value, str | int | float | bool | None) else str(value)
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+def setup_logging(level: str, fmt: str = "text") -> None:
+    """Logs on stderr at ``level``: human-readable text, or JSON lines with ``fmt="json"``."""
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(getattr(logging, level))

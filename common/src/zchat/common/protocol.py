@@ -320,6 +320,13 @@ class _Bare:
 
 
 @dataclass(slots=True)
+class StatsRequest(_Bare):
+    """The broker's counters (works without a session: health checks and ``status`` use it)."""
+
+    KIND: ClassVar[RequestKind] = RequestKind.STATS
+
+
+@dataclass(slots=True)
 class Rooms(_Bare):
     """List the rooms that exist, with their member counts."""
 
@@ -340,10 +347,11 @@ class Bye(_Bare):
     KIND: ClassVar[RequestKind] = RequestKind.BYE
 
 
-Request = Hello | Join | Leave | Say | Dm | Who | Rooms | Nick | Ping | Bye | History
+Request = Hello | Join | Leave | Say | Dm | Who | Rooms | Nick | Ping | Bye | History | StatsRequest
 
 REQUEST_TYPES: dict[str, type[Request]] = {
-    cls.KIND.value: cls for cls in (Hello, Join, Leave, Say, Dm, Who, Rooms, Nick, Ping, Bye, History)
+    cls.KIND.value: cls
+    for cls in (Hello, Join, Leave, Say, Dm, Who, Rooms, Nick, Ping, Bye, History, StatsRequest)
 }
 
 
@@ -423,7 +431,8 @@ class Joined:
 
     @classmethod
     def from_map(cls, m: Map, rid: int) -> Joined:
-        return cls(rid, get_str(m, "room"), get_str(m, "topic"), get_str_list(m, "members"), get_int(m, "seq", default=0))
+        members = get_str_list(m, "members")
+        return cls(rid, get_str(m, "room"), get_str(m, "topic"), members, get_int(m, "seq", default=0))
 
     def to_map(self) -> Map:
         return {
@@ -709,11 +718,39 @@ class HistoryPage:
         return out
 
 
-Reply = Welcome | Joined | Left | Sent | Members | RoomList | NickChanged | Pong | Goodbye | ErrorReply | HistoryPage
+@dataclass(slots=True)
+class StatsReply:
+    """Reply to ``stats``: the broker's version, uptime and counters (name -> number)."""
+
+    KIND: ClassVar[ReplyKind] = ReplyKind.STATS
+    rid: int
+    version: str
+    uptime: float
+    counters: dict[str, float]
+
+    @classmethod
+    def from_map(cls, m: Map, rid: int) -> StatsReply:
+        raw = m.get("counters")
+        if type(raw) is not dict or any(
+            type(k) is not str or type(v) not in (int, float) for k, v in raw.items()
+        ):
+            raise _invalid("counters", "a map of names to numbers", rid)
+        return cls(rid, get_str(m, "version"), get_float(m, "uptime"), dict(raw))
+
+    def to_map(self) -> Map:
+        return {**_header(self.KIND, self.rid), "version": self.version, "uptime": self.uptime,
+                "counters": self.counters}
+
+
+Reply = (
+    Welcome | Joined | Left | Sent | Members | RoomList | NickChanged | Pong | Goodbye | ErrorReply | HistoryPage
+    | StatsReply
+)
 
 REPLY_TYPES: dict[str, type[Reply]] = {
     cls.KIND.value: cls
     for cls in (
-        Welcome, Joined, Left, Sent, Members, RoomList, NickChanged, Pong, Goodbye, ErrorReply, HistoryPage
+        Welcome, Joined, Left, Sent, Members, RoomList, NickChanged, Pong, Goodbye, ErrorReply, HistoryPage,
+        StatsReply,
     )
 }
