@@ -59,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     except zmq.ZMQError as exc:
         print(f"zchat-broker: cannot bind {config.router} / {config.pub}: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # the metrics endpoint
+        where = f"{config.metrics_host}:{config.metrics_port}"
+        print(f"zchat-broker: cannot serve metrics on {where}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         if not broker.stopping:

@@ -291,6 +291,7 @@ class BrokerCore:
                 self._publish(session.topic, sync_event)
                 return Subscription.IGNORE
         self.stats.subscriptions_denied += 1
+        log.debug("subscription to %r denied: not a live room or private topic", topic[:80])
         return Subscription.DENY
 
     def handle_xpub_junk(self) -> None:

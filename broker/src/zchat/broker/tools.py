@@ -118,8 +118,10 @@ def _stats_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def _router(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    # Resolve every broker option (so the broker's own config file is read as the broker
+    # reads it, unknown keys and all) and keep the router.
     try:
-        return str(c.resolve(_ROUTER_OPTION, args, os.environ, section="broker")["router"])
+        return str(c.resolve(OPTIONS, args, os.environ, section="broker")["router"])
     except ConfigError as exc:
         parser.error(str(exc))
 

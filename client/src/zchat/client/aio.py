@@ -196,7 +196,10 @@ class AsyncClient:
             await self._subscribe(joined.topic.encode())
         count = self.join_history if history is None else history
         self._deliver(self.core.open_feed(joined.room, joined.seq, min(count, self.core.max_page)))
-        await self._fill(joined.room)
+        # At least one fetch even with nothing known to be missing: a message stored between
+        # the joined reply and the subscription taking effect was published before we could
+        # hear it; from here on, everything newer arrives live.
+        await self._fill(joined.room, at_least_once=True)
         return joined
 
     async def leave(self, room: str) -> None:
@@ -411,11 +414,16 @@ class AsyncClient:
             self._sub.unsubscribe(topic)
             self._sub.subscribe(topic)
 
-    async def _fill(self, key: str) -> None:
-        """Fetch what the feed ``key`` misses, page by page, delivering as it comes."""
+    async def _fill(self, key: str, *, at_least_once: bool = False) -> None:
+        """Fetch what the feed ``key`` misses, page by page, delivering as it comes.
+
+        With ``at_least_once``, fetch after the feed's last seq even if nothing is known to
+        be missing.
+        """
         feed = self.core.feeds.get(key)
         room = None if key == DM else key
-        while feed is not None and (after := feed.gap()) is not None:
+        while feed is not None and (after := feed.gap() if not at_least_once else feed.last) is not None:
+            at_least_once = False
             page = await self._call(HistoryPage, History, room, room is None, None, after, self.core.max_page)
             self._deliver(self.core.accept_history(key, after, page))
             await self._room_for_events.wait()

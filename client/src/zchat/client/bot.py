@@ -94,7 +94,7 @@ _REQUIRED: Any = inspect.Parameter.empty
 _WORD = re.compile(r'"([^"]*)"|(\S+)')
 _COMMAND = re.compile(r"(\S+)\s*(.*)", re.DOTALL)
 _BOOLS = {"yes": True, "y": True, "true": True, "on": True, "1": True,
-          "no": False, "n": False, "false": False, "off": False, "0": False}  # fmt: skip
+          "no": False, "n": False, "false": False, "off": False, "0": False}
 _SIMPLE_TYPES: dict[str, type] = {"int": int, "float": float, "str": str, "bool": bool}
 
 
@@ -220,10 +220,10 @@ def parameters_of(fn: Callable[..., Any]) -> tuple[Param, ...]:
 
 
 def usage_of(params: Iterable[Param]) -> str:
-    """A usage line from parameters: ``DICE [TIMES] [WORDS...]``."""
+    """A usage line from parameters: ``DICE [TIMES] [WORDS...]`` (a rest of line: ``TEXT``)."""
     parts = []
     for p in params:
-        name = p.name.upper() + ("..." if p.kind is not ParamKind.WORD else "")
+        name = p.name.upper() + ("..." if p.kind is ParamKind.WORDS else "")
         parts.append(name if p.required else f"[{name}]")
     return " ".join(parts)
 
@@ -415,12 +415,14 @@ class Outbox:
         """Send until cancelled; on cancellation every unsent message fails."""
         try:
             while True:
-                self._current = await self._queue.get()
+                self._current = item = await self._queue.get()
                 try:
-                    await self._deliver(self._current)
+                    await self._deliver(item)
                 finally:
                     self._current = None
                     self._queue.task_done()
+                    if not item.future.done():  # cancelled while sending it
+                        item.future.set_exception(ConnectionClosed("the bot stopped before sending this"))
         finally:
             self._fail_pending()
 
@@ -433,7 +435,7 @@ class Outbox:
         return True
 
     def _fail_pending(self) -> None:
-        items = [self._current] if self._current is not None else []
+        items: list[Outgoing] = []
         while not self._queue.empty():
             items.append(self._queue.get_nowait())
             self._queue.task_done()
@@ -470,7 +472,7 @@ class Outbox:
                     raise
                 self.stats.retries += 1
                 log.warning("the broker refused a message to %s (%s); resending in %.2f s",
-                            item.target, exc, exc.retry_after)  # fmt: skip
+                            item.target, exc, exc.retry_after)
                 await asyncio.sleep(exc.retry_after)
 
 
@@ -636,7 +638,7 @@ class Bot:
             if any(not n or any(ch.isspace() for ch in n) for n in names):
                 raise ValueError(f"command names must be non-empty words: {names!r}")
             cmd = Command(cmd_name, fn, params, usage_of(params) if usage is None else usage,
-                          (doc[0] if doc else "") if help is None else help, names[1:])  # fmt: skip
+                          (doc[0] if doc else "") if help is None else help, names[1:])
             for n in names:
                 self.commands[n] = cmd
             return fn
@@ -771,9 +773,10 @@ class Bot:
         self._stopping = False
         self._closed = asyncio.Event()
         self._slots = asyncio.Semaphore(self.max_handlers)
+        self._running = set()
         self._ever_connected = False
         client = AsyncClient(self.router, self.pub, timeout=self.timeout, history=self.history,
-                             on_state=self._state_changed)  # fmt: skip
+                             on_state=self._state_changed)
         self.client = client
         try:
             welcome = await client.connect(self.nick)
@@ -783,11 +786,12 @@ class Bot:
             await client.close()
             self.client = None
             raise
+        self.rooms = client.joined  # canonical names
         self._ever_connected = True
         log.info("%s connected to %s as %s; in %s", self.nick, self.router, welcome.nick,
-                 ", ".join(f"#{r}" for r in client.joined) or "no room")  # fmt: skip
+                 ", ".join(f"#{r}" for r in client.joined) or "no room")
         self._outbox = Outbox(self._send, self.stats, rate=self.rate, burst=self.burst,
-                              give_up_after=self.give_up_after)  # fmt: skip
+                              give_up_after=self.give_up_after)
         self._sender = asyncio.create_task(self._outbox.run(), name=f"bot-{self.nick}-outbox")
         for hook in self._on_start:
             await self._invoke(_Run(hook, (self,) if _takes_argument(hook) else ()))
@@ -843,9 +847,16 @@ class Bot:
 
     async def _serve_until_signal(self) -> None:
         loop = asyncio.get_running_loop()
+        main = asyncio.current_task()
         stoppers: set[asyncio.Task[None]] = set()
+        interrupted = False
 
         def on_signal() -> None:
+            nonlocal interrupted
+            interrupted = True
+            if self._outbox is None and main is not None:  # still starting: give up on it
+                main.cancel()
+                return
             task = asyncio.create_task(self.stop())
             stoppers.add(task)
             task.add_done_callback(stoppers.discard)
@@ -854,7 +865,11 @@ class Bot:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 with contextlib.suppress(NotImplementedError):  # Windows
                     loop.add_signal_handler(sig, on_signal)
-        await self.serve()
+        try:
+            await self.serve()
+        except asyncio.CancelledError:
+            if not interrupted:
+                raise
 
     async def __aenter__(self) -> Bot:
         await self.start()
@@ -868,25 +883,26 @@ class Bot:
             log.warning("%s: connection to the broker lost; reconnecting", self.nick)
         elif state is ClientState.CONNECTED and self._ever_connected and self.client is not None:
             log.info("%s: reconnected as %s; back in %s", self.nick, self.client.current_nick,
-                     ", ".join(f"#{r}" for r in self.client.joined) or "no room")  # fmt: skip
+                     ", ".join(f"#{r}" for r in self.client.joined) or "no room")
 
     # -- dispatch ----------------------------------------------------------------------------
 
     async def _read(self, client: AsyncClient) -> None:
-        assert self._slots is not None
+        slots, running = self._slots, self._running
+        assert slots is not None
+
+        def handled(task: asyncio.Task[None]) -> None:
+            running.discard(task)
+            slots.release()
+
         async for event in client.events():
             self.stats.events += 1
             if self._is_own(event):
                 continue
-            await self._slots.acquire()
+            await slots.acquire()
             task = asyncio.create_task(self._dispatch(event), name=f"bot-{self.nick}-{event.kind.value}")
-            self._running.add(task)
-            task.add_done_callback(self._handled)
-
-    def _handled(self, task: asyncio.Task[None]) -> None:
-        self._running.discard(task)
-        if self._slots is not None:
-            self._slots.release()
+            running.add(task)
+            task.add_done_callback(handled)
 
     def _is_own(self, event: Event) -> bool:
         me = self.current_nick
@@ -976,7 +992,7 @@ class Bot:
             if cmd is None:
                 raise UsageError(f"no command {name!r}")
             aliases = f" (also: {', '.join(self.prefix + a for a in cmd.aliases)})" if cmd.aliases else ""
-            return f"{cmd.synopsis(self.prefix)} — {cmd.help or 'no description'}{aliases}"
+            return cmd.synopsis(self.prefix) + (f" — {cmd.help}" if cmd.help else "") + aliases
         unique = sorted({id(c): c for c in self.commands.values()}.values(), key=lambda c: c.name)
         lines = [f"{self.nick}: {self.description}" if self.description else f"{self.nick} commands:"]
         lines += [f"{c.synopsis(self.prefix)}" + (f" — {c.help}" if c.help else "") for c in unique]

@@ -138,8 +138,10 @@ def add_options(parser: argparse.ArgumentParser, options: Iterable[Option]) -> N
         )
 
 
-def load_config_file(path: Path, options: Iterable[Option], section: str | None) -> dict[str, Any]:
-    """The values a TOML config file gives the options, by option name (unparsed).
+def load_config_file(
+    path: Path, options: Iterable[Option], section: str | None
+) -> dict[str, tuple[str, Any]]:
+    """What a TOML config file gives the options: option name -> (key as written, value).
 
     Raises:
         ConfigError: the file cannot be read or parsed, or names an unknown option.
@@ -152,7 +154,7 @@ def load_config_file(path: Path, options: Iterable[Option], section: str | None)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("--config", str(path), f"not valid TOML: {exc}") from None
     known = {opt.name for opt in options}
-    values: dict[str, Any] = {}
+    values: dict[str, tuple[str, Any]] = {}
     tables = [{k: v for k, v in data.items() if not isinstance(v, dict)}]
     if section is not None and isinstance(data.get(section), dict):
         tables.append(data[section])
@@ -161,7 +163,7 @@ def load_config_file(path: Path, options: Iterable[Option], section: str | None)
             name = key.replace("-", "_")
             if name not in known:
                 raise ConfigError(f"{path}: {key}", value, "no such option")
-            values[name] = value
+            values[name] = (key, value)
     for key, value in data.items():
         if isinstance(value, dict) and key not in SECTIONS:
             raise ConfigError(f"{path}: [{key}]", "...", f"unknown table (use one of {', '.join(SECTIONS)})")
@@ -193,8 +195,8 @@ def resolve(
         if raw is None and opt.env in environ:
             raw, source = environ[opt.env], opt.env
         if raw is None and opt.name in from_file:
-            value = from_file[opt.name]
-            raw, source = (str(value).lower() if isinstance(value, bool) else str(value)), f"{config_path}: {opt.name}"
+            key, value = from_file[opt.name]
+            raw, source = (str(value).lower() if isinstance(value, bool) else str(value)), f"{config_path}: {key}"
         if raw is None:
             values[opt.name] = opt.default
             continue

@@ -19,9 +19,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from zchat.client.bot import Bot
 from zchat.common.config import Option
-
-from ..bot import Bot
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ..bot import Bot, Context
+from zchat.client.bot import Bot, Context
+
 from . import ShippedBot
 
 

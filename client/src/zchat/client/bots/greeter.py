@@ -12,10 +12,10 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from zchat.client.bot import Bot, Context
 from zchat.common.config import Option, parse_non_negative_float
 from zchat.common.names import nick_key
 
-from ..bot import Bot, Context
 from . import ShippedBot
 
 #: The greeting; ``{nick}`` and ``{room}`` are replaced.
@@ -42,7 +42,7 @@ OPTIONS = (
            "the greeting; {nick} and {room} are replaced", "TEXT"),
     Option("cooldown", "--cooldown", ENV_GREETER_COOLDOWN, 600.0, parse_non_negative_float,
            "seconds before the same nick is greeted again in a room (0: always)", "SECONDS"),
-)  # fmt: skip
+)
 
 
 def make_bot(options: Mapping[str, Any]) -> Bot:

@@ -1,0 +1,5 @@
+import sys
+
+from zchat.client.botcli import main
+
+sys.exit(main())
