@@ -78,6 +78,23 @@ log = logging.getLogger("zchat.broker")
 CMID_CACHE_SIZE = 100_000
 #: Seconds a client waits before retrying after an ``unavailable`` error.
 RETRY_AFTER = 1.0
+#: Most text bytes one history page carries (a page of 200 long messages could be 3 MB; a
+#: client asking for many and never reading would make the broker hold them all).
+MAX_PAGE_BYTES = 256 * 1024
+
+
+def _cap_bytes(page: list[StoredMessage], budget: int, *, newest_first: bool) -> list[StoredMessage]:
+    """The part of ``page`` whose texts fit in ``budget`` bytes, keeping the end read first
+    (the newest messages when paging backwards, the oldest when paging forwards)."""
+    total = 0
+    order = reversed(range(len(page))) if newest_first else range(len(page))
+    keep = 0
+    for index in order:
+        total += len(page[index].text) * 4  # an upper bound of its UTF-8 size, without encoding
+        if total > budget and keep:
+            break
+        keep += 1
+    return page[len(page) - keep :] if newest_first else page[:keep]
 
 
 class Subscription(Enum):
@@ -207,6 +224,7 @@ class BrokerCore:
         self._cmids: OrderedDict[tuple[str, str], tuple[int, float, int]] = OrderedDict()
         self._staged_cmids: set[tuple[str, str]] = set()
         self._active: dict[str, float] = {}  # channel -> when it last got a message (mono)
+        self._stored_at_last_prune = 0
         self._xpub_misaligned = False
         self._junk_epoch = 0
         self._replies: list[tuple[bytes, bytes]] = []
@@ -358,6 +376,9 @@ class BrokerCore:
         for channel, since in list(self._active.items()):
             if since < horizon:
                 del self._active[channel]
+                # After the commit _seqs equals the store's value: forget it, so a stream of
+                # short-lived channels does not grow memory. The store answers next time.
+                self._seqs.pop(channel, None)
                 continue
             topic, room = self._channel_topic(channel)
             if topic is not None:
@@ -365,8 +386,11 @@ class BrokerCore:
                 self._publish(topic, Event(EventKind.TICK, room, "", "", self.now, self._next_id(), seq=seq))
 
     def prune(self, max_per_channel: int, max_age: float | None, budget: int = 1000) -> int:
-        """Delete up to ``budget`` stored messages beyond the retention limits."""
-        removed = self.store.prune(self.now, max_per_channel, max_age, budget)
+        """Delete stored messages beyond the retention limits: up to ``budget``, or as many
+        as were stored since the last pass if that is more (so retention keeps up)."""
+        stored_since = self.stats.stored - self._stored_at_last_prune
+        self._stored_at_last_prune = self.stats.stored
+        removed = self.store.prune(self.now, max_per_channel, max_age, max(budget, 2 * stored_since))
         self.stats.pruned += removed
         return removed
 
@@ -621,11 +645,13 @@ class BrokerCore:
                 return self._error(req.rid, ErrorCode.NOT_MEMBER, f"join {req.room!r} to read its history")
             channel = "r:" + req.room
         limit = min(req.limit if req.limit is not None else 50, self.max_page)
-        stored = self.store.page(channel, before=req.before, after=req.after, limit=limit)
+        page = self.store.page(channel, before=req.before, after=req.after, limit=limit)
+        stored = _cap_bytes(page, MAX_PAGE_BYTES, newest_first=req.after is None)
         events = tuple(
             Event(EventKind(m.kind), m.room, m.sender, m.text, m.ts, m.id, to=m.to, seq=m.seq) for m in stored
         )
-        return HistoryPage(req.rid, req.room, events, self.store.last_seq(channel), len(stored) == limit > 0)
+        more = len(page) == limit > 0 or len(stored) < len(page)  # full, or cut to MAX_PAGE_BYTES
+        return HistoryPage(req.rid, req.room, events, self.store.last_seq(channel), more)
 
     def _stats(self, session: Session | None, req: StatsRequest) -> Reply:
         uptime = self.mono - self._started if self._started is not None else 0.0

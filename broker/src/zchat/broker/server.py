@@ -35,8 +35,13 @@ log = logging.getLogger("zchat.broker")
 
 #: Messages read from one socket before the turn's output is flushed.
 BATCH = 1024
-#: Largest subscription message accepted on the XPUB (topics are under 100 bytes).
-MAX_SUBSCRIPTION_FRAME = 1024
+#: Largest subscription message accepted on the XPUB: "\x01" + a room topic (at most
+#: 2 + 64 * 4 + 1 UTF-8 bytes) or a sync subscription (~72 bytes). libzmq keeps a record of
+#: every subscription a peer asks for, granted or not, so this bounds what each costs.
+MAX_SUBSCRIPTION_FRAME = 300
+#: Replies queued per peer before the ROUTER drops for it: a peer that asks and never reads
+#: costs at most this many replies (history pages are capped at 256 KB of text).
+ROUTER_SNDHWM = 200
 #: Publications queued per subscriber before the XPUB drops for it (a burst of one loop
 #: turn is up to BATCH messages; ~2 MB for 120-byte texts). What a slow subscriber loses
 #: beyond it, it fetches from history.
@@ -96,6 +101,7 @@ class Broker:
         # Manual mode: a subscription takes effect only when we grant it (handle_subscription).
         self.xpub.setsockopt(zmq.XPUB_MANUAL, 1)
         self.xpub.setsockopt(zmq.SNDHWM, XPUB_SNDHWM)
+        self.router.setsockopt(zmq.SNDHWM, ROUTER_SNDHWM)
         try:
             self.router.bind(config.router)
             self.xpub.bind(config.pub)
@@ -220,6 +226,7 @@ class Broker:
                                                               "metrics_port", "metrics_host", "limits")}
         self.config = dataclasses.replace(fresh, **keep)
         self.core.motd = fresh.motd
+        self.core.max_page = fresh.max_page
         self.core.session_timeout, self.core.heartbeat = fresh.session_timeout, fresh.session_timeout / 3
         log.info("settings reloaded")
 

@@ -14,6 +14,7 @@ written together by :meth:`Store.commit` (group commit); nothing staged is visib
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import secrets
@@ -152,11 +153,17 @@ class MemoryStore:
         return self._cmids.get((client, cmid))
 
     def page(self, channel: str, *, before: int | None, after: int | None, limit: int) -> list[StoredMessage]:
-        messages = self._channels.get(channel, ())
+        messages = self._channels.get(channel)
+        if not messages or limit <= 0:
+            return []
+        # The seqs in a channel's deque are contiguous: positions follow from the first one,
+        # so a page costs O(limit), not a scan of the channel.
+        first = messages[0].seq
         if after is not None:
-            return [m for m in messages if m.seq > after][:limit]
-        bound = before if before is not None else float("inf")
-        return [m for m in messages if m.seq < bound][-limit:] if limit > 0 else []
+            start = min(len(messages), max(0, after + 1 - first))
+            return list(itertools.islice(messages, start, start + limit))
+        end = len(messages) if before is None else max(0, min(len(messages), before - first))
+        return list(itertools.islice(messages, max(0, end - limit), end))
 
     def prune(self, now: float, max_per_channel: int, max_age: float | None, budget: int) -> int:
         removed = 0
@@ -220,6 +227,8 @@ class SqliteStore:
     FILENAME = "zchat.sqlite3"
     #: Seconds between background WAL checkpoints.
     CHECKPOINT_EVERY = 0.5
+    #: Channels one retention pass looks at, at most.
+    PRUNE_CHANNELS = 500
 
     def __init__(self, path: Path, durability: Durability = Durability.NORMAL, max_pages: int | None = None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -275,7 +284,9 @@ class SqliteStore:
         seq = self._last_seq.get(channel)
         if seq is None:
             row = self._db.execute("SELECT last_seq FROM channels WHERE channel = ?", (channel,)).fetchone()
-            seq = self._last_seq[channel] = int(row[0]) if row else 0
+            if row is None:
+                return 0  # not cached: a stream of new, empty channels must not grow memory
+            seq = self._last_seq[channel] = int(row[0])
         return seq
 
     def last_id(self) -> int:
@@ -337,7 +348,9 @@ class SqliteStore:
         removed = 0
         db = self._db
         try:
-            for channel in list(self._touched):
+            # At most a slice of the touched channels per pass: after a restart all of them
+            # are, and one pass over a million channels would stall the loop for seconds.
+            for channel in list(itertools.islice(self._touched, self.PRUNE_CHANNELS)):
                 floor = self.last_seq(channel) - max_per_channel
                 cur = db.execute(
                     "DELETE FROM messages WHERE channel = ? AND seq IN "

@@ -37,6 +37,7 @@ from zchat.common.codes import ErrorCode, EventKind
 from zchat.common.config import DEFAULT_PUB, DEFAULT_ROUTER
 from zchat.common.errors import ConnectionClosed, ProtocolError, RequestError, RequestTimeout
 from zchat.common.protocol import (
+    STORED_KINDS,
     Bye,
     Dm,
     ErrorReply,
@@ -86,6 +87,24 @@ def backoff(initial: float = 0.1, factor: float = 2.0, maximum: float = 5.0) -> 
     while True:
         yield random.uniform(0, delay)
         delay = min(delay * factor, maximum)
+
+
+#: Requests that change nothing: asked again after a reconnection if the session was gone.
+_READS: frozenset[type[Request]] = frozenset({History, Who, Rooms, Ping})
+
+
+async def _cancel_and_wait(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel ``tasks`` and wait for them to end.
+
+    ``gather(return_exceptions=True)`` swallows the tasks' CancelledError but not the
+    caller's own: a ``suppress(CancelledError)`` around ``await task`` would eat both.
+    """
+    current = asyncio.current_task()
+    tasks = [task for task in tasks if task is not current]
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def worth_retrying(exc: BaseException) -> bool:
@@ -147,6 +166,7 @@ class AsyncClient:
         self._tasks: list[asyncio.Task[None]] = []
         self._fills: dict[str, asyncio.Task[None]] = {}
         self._connected = asyncio.Event()
+        self._closing = asyncio.Event()
         self._lost = asyncio.Event()
         self._last_heard = 0.0
         self._wanted_nick = ""
@@ -192,9 +212,15 @@ class AsyncClient:
         """
         known_topics = set(self.core.rooms.values())
         joined = await self._call(Joined, Join, room)
-        if joined.topic.encode() not in known_topics:
-            await self._subscribe(joined.topic.encode())
         count = self.join_history if history is None else history
+        if joined.topic.encode() not in known_topics:
+            try:
+                await self._subscribe(joined.topic.encode())
+            except BaseException:
+                # We are in the room: start its feed anyway, or its messages would be held
+                # back for good; gap repair catches up once the subscription works.
+                self._deliver(self.core.open_feed(joined.room, joined.seq, min(count, self.core.max_page)))
+                raise
         self._deliver(self.core.open_feed(joined.room, joined.seq, min(count, self.core.max_page)))
         # At least one fetch even with nothing known to be missing: a message stored between
         # the joined reply and the subscription taking effect was published before we could
@@ -259,11 +285,8 @@ class AsyncClient:
         """Say bye (if connected), then close the sockets. Safe to call twice."""
         if self.state is ClientState.CLOSED:
             return
-        for task in [*self._tasks, *self._fills.values()]:
-            task.cancel()
-        for task in [*self._tasks, *self._fills.values()]:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        self._closing.set()  # wakes calls waiting for a reconnection: they raise ConnectionClosed
+        await _cancel_and_wait([*self._tasks, *self._fills.values()])
         self._tasks, self._fills = [], {}
         if self.state is ClientState.CONNECTED:
             with contextlib.suppress(RequestTimeout, ConnectionClosed, ProtocolError, RequestError):
@@ -320,13 +343,8 @@ class AsyncClient:
         in progress to finish; the reconnection's own requests pass ``wait=False``.
         """
         timeout = self.timeout if timeout is None else timeout
-        if wait and not self._connected.is_set():
-            if self.state is ClientState.CLOSED:
-                raise ConnectionClosed("the client is closed")
-            try:
-                await asyncio.wait_for(self._connected.wait(), timeout)
-            except TimeoutError:
-                raise RequestTimeout(cls.KIND.value, timeout) from None
+        if wait and not self._connected.is_set() and not await self._wait_connected(timeout):
+            raise RequestTimeout(cls.KIND.value, timeout)
         if self._dealer is None:
             raise ConnectionClosed("the client is not connected")
         out = self.core.request(cls, *args)
@@ -341,7 +359,22 @@ class AsyncClient:
             self._waiters.pop(out.rid, None)
         if type(reply) is ErrorReply and reply.code is ErrorCode.NO_SESSION and wait:
             self._lose("the broker no longer knows this session")
+            if cls in _READS and await self._wait_connected(timeout):
+                return await self._request(cls, *args, wait=False, timeout=timeout)  # once, reconnected
         return raise_for_error(reply)
+
+    async def _wait_connected(self, timeout: float) -> bool:
+        """Wait until connected (True) or ``timeout`` passes (False); raise if closed meanwhile."""
+        if self._closing.is_set():
+            raise ConnectionClosed("the client is closed")
+        waiters = [asyncio.create_task(self._connected.wait()), asyncio.create_task(self._closing.wait())]
+        try:
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            await _cancel_and_wait(waiters)  # type: ignore[arg-type]
+        if self._closing.is_set():
+            raise ConnectionClosed("the client was closed")
+        return self._connected.is_set()
 
     async def _call(self, expect: type[R], cls: type[Request], *args: Any, wait: bool = True) -> R:
         """:meth:`_request`, checking that the reply is of type ``expect``."""
@@ -414,22 +447,29 @@ class AsyncClient:
             self._sub.unsubscribe(topic)
             self._sub.subscribe(topic)
 
-    async def _fill(self, key: str, *, at_least_once: bool = False) -> None:
+    async def _fill(self, key: str, *, at_least_once: bool = False, background: bool = False) -> None:
         """Fetch what the feed ``key`` misses, page by page, delivering as it comes.
 
         With ``at_least_once``, fetch after the feed's last seq even if nothing is known to
-        be missing.
+        be missing. A ``background`` fill pauses between pages while the application is
+        behind; one a caller awaits (join) does not, since the caller cannot read meanwhile.
         """
         feed = self.core.feeds.get(key)
         room = None if key == DM else key
         while feed is not None and (after := feed.gap() if not at_least_once else feed.last) is not None:
             at_least_once = False
-            page = await self._call(HistoryPage, History, room, room is None, None, after, self.core.max_page)
+            # wait=False: a fill must not outlive a reconnection (its feed may be replaced
+            # then, when the broker's history started over); the reconnect refills.
+            page = await self._call(
+                HistoryPage, History, room, room is None, None, after, self.core.max_page, wait=False
+            )
+            if self.core.feeds.get(key) is not feed:
+                return  # the feed was reset meanwhile: this page answers an obsolete question
             self._deliver(self.core.accept_history(key, after, page))
-            await self._room_for_events.wait()
+            if background:
+                await self._room_for_events.wait()
             if not page.more and feed.gap() == after:
                 break  # nothing more to have (it may come with a later tick)
-            feed = self.core.feeds.get(key)
 
     def _schedule_fill(self, key: str) -> None:
         if key in self._fills or not self._connected.is_set():
@@ -437,7 +477,7 @@ class AsyncClient:
 
         async def fill() -> None:
             try:
-                await self._fill(key)
+                await self._fill(key, background=True)
             except (RequestTimeout, RequestError, ConnectionClosed) as exc:
                 log.info("could not fetch missed messages of %s yet: %s", key, exc)
             finally:
@@ -456,7 +496,10 @@ class AsyncClient:
         else:
             self._connected.clear()
         if self._on_state is not None:
-            self._on_state(state)
+            try:
+                self._on_state(state)
+            except Exception:  # the application's callback: log it, never let it stop us
+                log.exception("on_state callback failed for %s", state.value)
 
     async def _open_session(self, nick: str) -> Welcome:
         self._open_sockets()
@@ -481,11 +524,7 @@ class AsyncClient:
 
     async def _close_sockets(self) -> None:
         tasks, self._io_tasks = self._io_tasks, []
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await _cancel_and_wait(tasks)
         futures: list[asyncio.Future[Any]] = [*self._waiters.values(), *self._syncs.values()]
         for future in futures:
             if not future.done():
@@ -499,8 +538,8 @@ class AsyncClient:
         """The broker stopped answering or forgot us: let the supervisor reconnect."""
         if self.state is ClientState.CONNECTED:
             log.warning("lost the broker (%s); reconnecting", why)
-            self._set_state(ClientState.RECONNECTING)
             self._lost.set()
+            self._set_state(ClientState.RECONNECTING)
 
     async def _probe(self) -> None:
         """After a failed send: check the broker is there; wait out a reconnection."""
@@ -512,8 +551,7 @@ class AsyncClient:
             except RequestError:
                 pass  # no_session already triggered the reconnection
         if self.state is ClientState.RECONNECTING:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._connected.wait(), self.send_timeout)
+            await self._wait_connected(self.send_timeout)
 
     async def _supervise(self) -> None:
         while True:
@@ -523,6 +561,8 @@ class AsyncClient:
 
     async def _reconnect(self) -> None:
         """New sockets, hello with the same identity, rejoin, resubscribe and backfill."""
+        fills, self._fills = list(self._fills.values()), {}
+        await _cancel_and_wait(fills)
         for delay in backoff():
             await self._close_sockets()
             try:
@@ -538,7 +578,7 @@ class AsyncClient:
                 return
             except RequestError as exc:
                 if exc.code is ErrorCode.NICK_TAKEN:  # taken while we were away, as IRC clients do
-                    self._wanted_nick = (self._wanted_nick + "_")[-32:]
+                    self._wanted_nick = self._wanted_nick[:31] + "_"
                 log.info("reconnection refused (%s); next try in %.1f s", exc, delay)
             except (RequestTimeout, ConnectionClosed) as exc:
                 log.info("reconnection failed (%s); next try in %.1f s", exc, delay)
@@ -583,9 +623,6 @@ class AsyncClient:
 
     async def _read_events(self, sub: zmq.asyncio.Socket) -> None:
         while True:
-            # Backpressure: while the application is behind, leave publications in the
-            # socket (the broker drops past its high-water mark; gap repair refetches).
-            await self._room_for_events.wait()
             frames = await sub.recv_multipart()
             try:
                 event = self.core.receive_event(frames)
@@ -599,6 +636,11 @@ class AsyncClient:
                 continue
             if event.kind is EventKind.GOAWAY:  # the broker is stopping: reconnect (to its successor)
                 self._lose(event.text or "the broker is going away")
+                continue
+            if not self._room_for_events.is_set() and event.seq is not None and event.kind in STORED_KINDS:
+                # The application is behind: drop it here rather than stop reading (sync
+                # markers and goaway must still get through); a tick reveals the gap and a
+                # background fill fetches it once there is room again.
                 continue
             self._deliver(self.core.accept(event))
             key = DM if event.room is None else event.room

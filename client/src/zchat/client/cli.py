@@ -155,6 +155,8 @@ class Chat:
             self._fail(exc.code.value, exc.reason)
         except RequestTimeout as exc:
             self._fail("timeout", str(exc))
+        except ClientError as exc:  # e.g. the connection closed under the request: reconnecting
+            self._fail("closed", str(exc))
         return True
 
     def _fail(self, code: str, reason: str) -> None:
@@ -308,7 +310,10 @@ async def interactive(client: AsyncClient, values: dict[str, Any], out: Output) 
         nick = values["nick"]
         while True:
             if not nick:
-                nick = (await prompt.prompt_async("nick: ")).strip()
+                try:
+                    nick = (await prompt.prompt_async("nick: ")).strip()
+                except (EOFError, KeyboardInterrupt):
+                    return 0
                 if not nick:
                     continue
             try:
@@ -354,6 +359,8 @@ async def amain(values: dict[str, Any], *, json_mode: bool, tty: bool) -> int:
         values["pub"],
         timeout=values["timeout"],
         history=values["history"],
+        # A line waits for its acknowledgement through reconnects, but not for ever.
+        send_timeout=values["timeout"] * 6,
         on_state=_state_reporter(out),
     )
     try:

@@ -59,7 +59,15 @@ class Client:
         if self._loop.is_closed():
             coro.close()
             raise ConnectionClosed("the client is closed")
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+        if threading.current_thread() is self._thread:
+            coro.close()  # e.g. from an on_state callback: waiting here would wait on ourselves
+            raise RuntimeError("a blocking Client method was called from the client's own thread")
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()  # Ctrl-C in the caller: the call must not go on and eat an event
+            raise
 
     @property
     def state(self) -> ClientState:
@@ -125,12 +133,24 @@ class Client:
         """Say bye, close the sockets and stop the client's thread. Safe to call twice."""
         if self._loop.is_closed():
             return
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("Client.close() was called from the client's own thread (an on_state callback?)")
         try:
             self._run(self._client.close())
+            self._run(self._cancel_leftovers())
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join()
             self._loop.close()
+
+    @staticmethod
+    async def _cancel_leftovers() -> None:
+        """End calls other threads still wait on, so their callers get an error, not a hang."""
+        current = asyncio.current_task()
+        tasks = [task for task in asyncio.all_tasks() if task is not current]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def __enter__(self) -> Client:
         return self
