@@ -54,6 +54,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         parser.error(str(exc))
     setup_logging(config.log_level, config.log_format)
+    exposed = config.exposed_endpoints()
+    if exposed and not config.insecure:
+        parser.error(
+            f"refusing to bind {', '.join(exposed)}: only loopback is served without encryption and "
+            "authentication; pass --insecure (or ZCHAT_INSECURE=1) to accept anyone who can reach it"
+        )
+    if exposed:
+        log.warning("serving %s WITHOUT encryption or authentication (--insecure): anyone who can "
+                    "reach these ports can read public rooms and post", ", ".join(exposed))
     try:
         broker = Broker(config)
     except zmq.ZMQError as exc:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +24,7 @@ ENV_MAX_PAGE = "ZCHAT_MAX_PAGE"
 ENV_TICK_INTERVAL = "ZCHAT_TICK_INTERVAL"
 ENV_METRICS_PORT = "ZCHAT_METRICS_PORT"
 ENV_METRICS_HOST = "ZCHAT_METRICS_HOST"
+ENV_INSECURE = "ZCHAT_INSECURE"
 
 
 def _port(value: str) -> int:
@@ -79,6 +82,9 @@ OPTIONS = (
              "serve Prometheus metrics over HTTP on this port (unset: off)", "PORT"),
     c.Option("metrics_host", "--metrics-host", ENV_METRICS_HOST, "127.0.0.1", c.parse_text,
              "address the metrics endpoint binds", "HOST"),
+    c.Option("insecure", "--insecure", ENV_INSECURE, False, c.parse_bool,
+             "allow binding addresses other than loopback without encryption or authentication",
+             const="true"),
 )
 
 
@@ -103,6 +109,7 @@ class BrokerConfig:
     log_format: str = "text"
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
+    insecure: bool = False
 
     @property
     def retention_seconds(self) -> float | None:
@@ -131,4 +138,24 @@ class BrokerConfig:
             log_format=values["log_format"],
             metrics_port=values["metrics_port"],
             metrics_host=values["metrics_host"],
+            insecure=values["insecure"],
         )
+
+    def exposed_endpoints(self) -> list[str]:
+        """The endpoints that other machines could reach (not loopback, ipc or inproc)."""
+        return [e for e in (self.router, self.pub) if not is_local_endpoint(e)]
+
+
+def is_local_endpoint(endpoint: str) -> bool:
+    """True for ipc://, inproc:// and tcp:// on a loopback address (127.0.0.0/8, ::1, a name
+    that resolves only to loopback). A wildcard (*, 0.0.0.0, ::) or an interface is not."""
+    if not endpoint.startswith("tcp://"):
+        return True
+    host = endpoint[len("tcp://") :].rsplit(":", 1)[0].strip("[]")
+    if host in ("*", "0.0.0.0", "::", ""):
+        return False
+    try:
+        addresses = {str(info[4][0]) for info in socket.getaddrinfo(host, None)}
+    except (OSError, UnicodeError):
+        return False  # an interface name (eth0) or an unknown host: treat as exposed
+    return bool(addresses) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)

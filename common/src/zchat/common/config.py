@@ -105,6 +105,16 @@ def parse_log_level(value: str) -> str:
     return name
 
 
+def parse_bool(value: str) -> bool:
+    """true/false, yes/no, on/off, 1/0 (any case)."""
+    word = value.strip().lower()
+    if word in ("1", "true", "yes", "on"):
+        return True
+    if word in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("expected true or false")
+
+
 def parse_text(value: str) -> str:
     return value
 
@@ -120,6 +130,8 @@ class Option:
     parse: Callable[[str], Any]
     help: str
     metavar: str | None = None
+    #: For a switch: the value the bare flag stands for (``--insecure`` means "true").
+    const: str | None = None
 
 
 def add_options(parser: argparse.ArgumentParser, options: Iterable[Option]) -> None:
@@ -129,13 +141,12 @@ def add_options(parser: argparse.ArgumentParser, options: Iterable[Option]) -> N
             "--config", metavar="FILE", default=None, help=f"a TOML config file (env {ENV_CONFIG})"
         )
     for opt in options:
-        parser.add_argument(
-            opt.flag,
-            dest=opt.name,
-            default=None,
-            metavar=opt.metavar,
-            help=f"{opt.help} (env {opt.env}; default {opt.default!r})",
-        )
+        help_text = f"{opt.help} (env {opt.env}; default {opt.default!r})"
+        if opt.const is not None:
+            parser.add_argument(opt.flag, dest=opt.name, default=None, action="store_const", const=opt.const,
+                                help=help_text)
+        else:
+            parser.add_argument(opt.flag, dest=opt.name, default=None, metavar=opt.metavar, help=help_text)
 
 
 def load_config_file(
