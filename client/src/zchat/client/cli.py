@@ -1,10 +1,11 @@
 """``zchat-client``: chat on a terminal, or pipe lines in and events out.
 
-On a terminal (stdin and stdout both ttys, no ``--plain``/``--json``) it is an interactive
-chat: events print above the input line without disturbing what is being typed. Otherwise
-it runs in line mode for scripts: every input line is sent to the current room (a line that
-starts with ``/`` is a command), every event is printed on one line (``--json``: one JSON
-object per line), and end of input ends the client once its messages are acknowledged.
+On a terminal (stdin and stdout both ttys, no ``--plain``/``--json``) it is a full-screen
+chat (:mod:`zchat.client.tui`): panes per room and DM, members, status and an input line.
+Otherwise it runs in line mode for scripts: every input line is sent to the current room (a
+line that starts with ``/`` is a command), every event is printed on one line (``--json``:
+one JSON object per line), and end of input ends the client once its messages are
+acknowledged.
 """
 
 from __future__ import annotations
@@ -81,25 +82,23 @@ def parse_line(line: str) -> Command | None:
 
 
 class Output:
-    """Where the client writes: plain lines or JSON lines."""
+    """Where line mode writes: events on stdout (plain lines or JSON lines), the rest on
+    stderr in plain mode (so a script reading stdout sees only events) or stdout in JSON."""
 
-    def __init__(self, *, json_mode: bool, interactive: bool) -> None:
+    def __init__(self, *, json_mode: bool) -> None:
         self.json_mode = json_mode
-        self.interactive = interactive
         self.me: str | None = None
 
     def event(self, event: Event) -> None:
         if self.json_mode:
             print(dumps(event_to_json(event)), flush=True)
         else:
-            print(format_event(event, self.me, one_line=not self.interactive), flush=True)
+            print(format_event(event, self.me, one_line=True), flush=True)
 
     def info(self, text: str, obj: dict[str, Any]) -> None:
         """A reply worth showing: plain text to the user, or ``obj`` as JSON."""
         if self.json_mode:
             print(dumps(obj), flush=True)
-        elif self.interactive:
-            print(text, flush=True)
         else:
             print(text, file=sys.stderr, flush=True)
 
@@ -111,7 +110,7 @@ class Output:
         if self.json_mode:
             print(dumps({"kind": "error", "code": code, "reason": reason}), flush=True)
         else:
-            print(f"!! {reason} ({code})", file=sys.stdout if self.interactive else sys.stderr, flush=True)
+            print(f"!! {reason} ({code})", file=sys.stderr, flush=True)
 
 
 class Chat:
@@ -295,53 +294,6 @@ async def line_mode(client: AsyncClient, values: dict[str, Any], out: Output) ->
     return 1 if chat.failures else 0
 
 
-async def interactive(client: AsyncClient, values: dict[str, Any], out: Output) -> int:
-    from prompt_toolkit import PromptSession
-    from prompt_toolkit.patch_stdout import patch_stdout
-
-    chat_room: list[str | None] = [None]
-
-    def toolbar() -> str:
-        state = "connected" if client.state is ClientState.CONNECTED else client.state.value + "…"
-        return f" {client.current_nick or '-'} │ #{chat_room[0] or '-'} │ {state} │ /help"
-
-    prompt: PromptSession[str] = PromptSession(bottom_toolbar=toolbar, refresh_interval=0.5)
-    with patch_stdout(raw=True):
-        nick = values["nick"]
-        while True:
-            if not nick:
-                try:
-                    nick = (await prompt.prompt_async("nick: ")).strip()
-                except (EOFError, KeyboardInterrupt):
-                    return 0
-                if not nick:
-                    continue
-            try:
-                await _connect(client, nick, out)
-                break
-            except RequestError as exc:
-                if exc.code not in (ErrorCode.NICK_TAKEN, ErrorCode.INVALID_NICK):
-                    raise
-                out.error(exc.code.value, exc.reason)
-                nick = None
-        chat = Chat(client, out, None)
-        printer = asyncio.create_task(_print_events(client, out))
-        await chat.run(f"/join {values['room']}")
-        try:
-            while True:
-                chat_room[0] = chat.room
-                try:
-                    line = await prompt.prompt_async(lambda: f"[#{chat.room or '-'}] ")
-                except (EOFError, KeyboardInterrupt):
-                    break
-                if not await chat.run(line):
-                    break
-        finally:
-            await client.close()
-            await printer
-    return 0
-
-
 def _state_reporter(out: Output) -> Callable[[ClientState], None]:
     def report(state: ClientState) -> None:
         if state is ClientState.RECONNECTING:
@@ -353,7 +305,11 @@ def _state_reporter(out: Output) -> Callable[[ClientState], None]:
 
 
 async def amain(values: dict[str, Any], *, json_mode: bool, tty: bool) -> int:
-    out = Output(json_mode=json_mode, interactive=tty)
+    if tty:
+        from .tui import run_tui  # imports Textual: only on a terminal
+
+        return await run_tui(values)
+    out = Output(json_mode=json_mode)
     client = AsyncClient(
         values["router"],
         values["pub"],
@@ -364,8 +320,6 @@ async def amain(values: dict[str, Any], *, json_mode: bool, tty: bool) -> int:
         on_state=_state_reporter(out),
     )
     try:
-        if tty:
-            return await interactive(client, values, out)
         return await line_mode(client, values, out)
     except RequestTimeout:
         out.error("unreachable", f"no answer from the broker at {values['router']} within {values['timeout']:g} s")
