@@ -30,7 +30,7 @@ import pytest
 
 from zchat.broker import BrokerConfig
 from zchat.broker.store import MemoryStore
-from zchat.client import Bot, Client, ClientState, Context, EventKind, UsageError
+from zchat.client import Bot, Client, ClientState, Context, EventKind, RequestTimeout, UsageError
 from zchat.client.bot import (
     BotStats,
     Outbox,
@@ -776,3 +776,19 @@ def test_python_dash_m_zchat_client_bots_is_the_same_command() -> None:
     result = subprocess.run([sys.executable, "-m", "zchat.client.bots", "--list"], capture_output=True, text=True,
                             timeout=WAIT, env=clean_env(), check=False)
     assert result.returncode == 0 and result.stdout.split()[0] == "greeter"
+
+
+def test_wait_stopped_returns_after_a_failed_start() -> None:
+    """A bot whose start() failed (no broker) is not running: wait_stopped() must not hang."""
+
+    async def scenario() -> None:
+        with socket.socket() as probe:  # a port nobody listens on
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        bot = Bot("lonely", rooms=["general"], router=f"tcp://127.0.0.1:{port}",
+                  pub=f"tcp://127.0.0.1:{port + 1}", timeout=0.3)
+        with pytest.raises(RequestTimeout):
+            await bot.start()
+        await asyncio.wait_for(bot.wait_stopped(), 2)
+
+    asyncio.run(scenario())

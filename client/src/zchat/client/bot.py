@@ -282,11 +282,11 @@ class Bot(Handlers):
         if self.client is not None:
             raise RuntimeError("the bot is already running")
         self._stopping = False
-        self._closed = asyncio.Event()
         self._slots = asyncio.Semaphore(self.max_handlers)
         self._running = set()
         self._ever_connected = False
         client = await self._connect()
+        self._closed = asyncio.Event()  # only once running: wait_stopped() returns at once otherwise
         self._outbox = Outbox(self._send, self.stats, rate=self.rate, burst=self.burst,
                               give_up_after=self.give_up_after)
         self._sender = asyncio.create_task(self._outbox.run(), name=f"bot-{self.nick}-outbox")
