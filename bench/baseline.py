@@ -2,8 +2,9 @@
 
 ROUTER in; msgpack decode; check the kind and types; stamp the sender from the connection;
 encode; PUB out (topic frame + envelope), and a reply to the sender. No store, no sessions
-beyond a dict of nicks, no subscription control. It speaks just enough of zchat's protocol
-(hello, join, say, ping) for the benchmark's load generators.
+beyond a dict of nicks, no subscription control, no history. It speaks just enough of zchat's
+protocol (hello, join, say, ping) for the benchmark's load generators; like zchat it counts
+a ``seq`` per room (one dict lookup a message), so that subscribers find gaps the same way.
 
     python bench/baseline.py            # prints "baseline ready router=... pub=..."
 """
@@ -30,6 +31,7 @@ def serve() -> None:
     print(f"baseline ready router={router_ep} pub={pub_ep}", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     nicks: dict[bytes, str] = {}
+    seqs: dict[str, int] = {}
     packb, unpackb = msgpack.Packer().pack, msgpack.unpackb
     next_id = 0
     poller = zmq.Poller()
@@ -52,18 +54,21 @@ def serve() -> None:
             kind, rid = m.get("kind"), m.get("rid")
             if kind == "say" and type(m.get("room")) is str and type(m.get("text")) is str:
                 next_id += 1
+                room = m["room"]
+                seq = seqs[room] = seqs.get(room, 0) + 1
                 sender = nicks.get(peer, "?")
-                event = {"v": 1, "kind": "message", "room": m["room"], "sender": sender,
-                         "text": m["text"], "ts": now, "id": next_id, "seq": next_id}
-                pub.send(b"r/" + m["room"].encode() + b"/", zmq.SNDMORE)
+                event = {"v": 1, "kind": "message", "room": room, "sender": sender,
+                         "text": m["text"], "ts": now, "id": next_id, "seq": seq}
+                pub.send(b"r/" + room.encode() + b"/", zmq.SNDMORE)
                 pub.send(packb(event))
-                reply = {"v": 1, "kind": "sent", "rid": rid, "id": next_id, "ts": now, "seq": next_id}
+                reply = {"v": 1, "kind": "sent", "rid": rid, "id": next_id, "ts": now, "seq": seq}
             elif kind == "hello":
                 nicks[peer] = str(m.get("nick"))
                 reply = {"v": 1, "kind": "welcome", "rid": rid, "nick": nicks[peer], "topic": "p/0/"}
             elif kind == "join":
                 room = str(m.get("room"))
-                reply = {"v": 1, "kind": "joined", "rid": rid, "room": room, "topic": f"r/{room}/", "seq": 0}
+                reply = {"v": 1, "kind": "joined", "rid": rid, "room": room, "topic": f"r/{room}/",
+                         "seq": seqs.get(room, 0)}
             else:
                 reply = {"v": 1, "kind": "pong", "rid": rid, "ts": now}
             router.send(peer, zmq.SNDMORE)

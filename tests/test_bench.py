@@ -1,0 +1,53 @@
+"""The benchmark's smoke run: ``bench.py --quick`` on a small subset writes the JSON it promises.
+
+The figures of a smoke run mean little (one repeat, small counts, a busy machine); what is
+checked is that every workload in the subset ran, that zchat ended with nothing missing
+after gap repair, and that the ratios against the baseline and the targets are there.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_quick_bench_writes_the_promised_json(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "bench.py"), "--quick", "--only", "throughput,latency,store",
+           "--shapes", "1", "--latency-subscribers", "1", "--servers", "baseline,zchat-memory", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=80, cwd=ROOT, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "targets" in proc.stdout
+
+    results = json.loads(out.read_text())
+    assert {"machine", "settings", "throughput", "latency", "store", "targets", "seconds"} <= results.keys()
+    for row in results["throughput"] + results["latency"]:
+        assert "error" not in row, row
+    throughput = {row["server"]: row for row in results["throughput"]}
+    assert set(throughput) == {"baseline", "zchat-memory"}
+    zchat = throughput["zchat-memory"]
+    for key in ("accepted_per_s", "delivered_per_s_sub", "loss_before", "server_cpu_s", "accepted_per_s_vs_baseline",
+                "delivered_per_s_sub_vs_baseline", "repeats"):
+        assert zchat[key] is not None, key
+    assert zchat["worst_loss_after"] == 0
+    assert zchat["fastpath_mismatches"] == 0
+    assert throughput["baseline"]["loss_after"] is None  # the baseline has no history to repair from
+
+    latency = {row["server"]: row for row in results["latency"]}
+    assert latency["zchat-memory"]["samples"] > 0
+    assert latency["zchat-memory"]["p99_ms"] >= latency["zchat-memory"]["p50_ms"] > 0
+    assert latency["zchat-memory"]["p99_ms_vs_baseline"] is not None
+
+    store = results["store"]
+    assert store["store"]["messages"] == 20_000
+    assert store["empty"]["idle_rss_mb"] > 0
+    assert store["big"]["last50_p99_ms"] > 0
+    assert {t["target"].split(" ")[0] for t in results["targets"]} >= {"idle", "ready", "last-50"}
