@@ -99,6 +99,13 @@ def _token(m: Map, field: str, rid: int, low: int, high: int) -> str | None:
     return value
 
 
+def get_map_list(m: Map, field: str, rid: int | None = None) -> list[Map]:
+    value = m.get(field)
+    if type(value) is not list or any(type(item) is not dict for item in value):
+        raise _invalid(field, "a list of maps", rid)
+    return value
+
+
 def _text(m: Map, rid: int, limits: Limits) -> str:
     text = get_str(m, "text", rid)
     check_text(text, limits.max_text)
@@ -522,9 +529,7 @@ class RoomList:
 
     @classmethod
     def from_map(cls, m: Map, rid: int) -> RoomList:
-        raw = m.get("rooms")
-        if type(raw) is not list or any(type(item) is not dict for item in raw):
-            raise _invalid("rooms", "a list of maps", rid)
+        raw = get_map_list(m, "rooms", rid)
         return cls(rid, tuple(RoomInfo(get_str(r, "room"), get_int(r, "members")) for r in raw))
 
     def to_map(self) -> Map:
@@ -700,9 +705,7 @@ class HistoryPage:
 
     @classmethod
     def from_map(cls, m: Map, rid: int) -> HistoryPage:
-        raw = m.get("events")
-        if type(raw) is not list or any(type(item) is not dict for item in raw):
-            raise _invalid("events", "a list of maps", rid)
+        raw = get_map_list(m, "events", rid)
         events = tuple(Event.from_map(item) for item in raw)
         return cls(rid, get_opt_str(m, "room"), events, get_int(m, "seq"), get_bool(m, "more"))
 
