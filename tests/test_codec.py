@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from zchat.common.codec import decode_event, decode_reply, decode_request, encode, encode_map
-from zchat.common.codes import ErrorCode, EventKind, ReplyKind, RequestKind
+from zchat.common.codes import MODERATION_KINDS, ErrorCode, EventKind, ReplyKind, RequestKind
 from zchat.common.errors import ProtocolError
 from zchat.common.limits import DEFAULT_LIMITS, Limits
 from zchat.common.names import check_text, normalize_nick, normalize_room
@@ -35,6 +35,8 @@ from zchat.common.protocol import (
     Leave,
     Left,
     Members,
+    Moderate,
+    Moderated,
     Nick,
     NickChanged,
     Ping,
@@ -46,6 +48,7 @@ from zchat.common.protocol import (
     Rooms,
     Say,
     Sent,
+    SetTopic,
     StatsReply,
     StatsRequest,
     Welcome,
@@ -84,6 +87,11 @@ REQUESTS: list[Request] = [
     History(16, dm=True, after=3),
     History(17, room="general"),
     StatsRequest(18),
+    Join(19, "ops", True),
+    *(Moderate(kind, 20, "ops", "bob", "why not") for kind in MODERATION_KINDS),
+    Moderate(RequestKind.INVITE, 21, "ops", "bob"),
+    SetTopic(22, "ops", "plans for friday"),
+    SetTopic(23, "ops", ""),
 ]
 REPLIES: list[Reply] = [
     Welcome(1, "ann", TOPIC, "be nice", 5.0, 15.0),
@@ -95,6 +103,11 @@ REPLIES: list[Reply] = [
     Sent(4, 1_700_000_000_000_001, 1_700_000_000.25),
     Sent(4, 1_700_000_000_000_001, 1_700_000_000.25, 42, True),
     Joined(2, "general", "r/general/", ("ann",), 42),
+    Joined(2, "ops", "q/0123456789abcdef0123456789abcdef/", ("ann", "bob"), 42, True, "plans", ("ann",)),
+    Moderated(14, "ops", "kick", "bob"),
+    Moderated(14, "ops", "topic"),
+    Members(5, "ops", ("ann", "bob"), ("ann",)),
+    RoomList(6, (RoomInfo("ops", 0, True),)),
     HistoryPage(12, "general", (Event(EventKind.MESSAGE, "general", "ann", "hi", 1.5, 1, seq=1),), 1, False),
     HistoryPage(12, None, (), 0, False),
     StatsReply(13, "0.1.0", 12.5, {"sessions": 3, "requests_total": 1234, "last_commit_seconds": 0.0005}),
@@ -116,6 +129,10 @@ EVENTS: list[Event] = [
     Event(EventKind.NICK, "general", "ann", "", 1.5, 5, nick="anne"),
     Event(EventKind.DM, None, "ann", "psst", 1.5, 6, to="bob"),
     Event(EventKind.SYNC, None, "", "a1b2c3", 1.5, 7),
+    *(Event(kind, "ops", "ann", "spam", 1.5, 8, nick="bob") for kind in (
+        EventKind.INVITE, EventKind.KICK, EventKind.BAN, EventKind.UNBAN, EventKind.OP, EventKind.DEOP)),
+    Event(EventKind.TOPIC, "ops", "ann", "plans", 1.5, 9),
+    Event(EventKind.REKEY, "ops", "", "q/0123456789abcdef0123456789abcdef/", 1.5, 10, seq=41),
     Event(EventKind.MESSAGE, "general", "ann", "hi", 1.5, 8, seq=3),
     Event(EventKind.TICK, "general", "", "", 1.5, 9, seq=3),
     Event(EventKind.GOAWAY, None, "", "the broker is shutting down", 1.5, 10),
@@ -143,7 +160,7 @@ def _decode_request_map(**fields: Any) -> ProtocolError:
 
 
 def test_samples_cover_every_kind() -> None:
-    assert {r.KIND for r in REQUESTS} == set(RequestKind)
+    assert {r.kind if isinstance(r, Moderate) else r.KIND for r in REQUESTS} == set(RequestKind)
     assert {r.KIND for r in REPLIES} == set(ReplyKind)
     assert {e.kind for e in EVENTS} == set(EventKind)
 

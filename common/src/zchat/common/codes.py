@@ -23,6 +23,20 @@ class RequestKind(StrEnum):
     BYE = "bye"
     HISTORY = "history"
     STATS = "stats"
+    # Moderation of private rooms (operators only); one request shape, see Moderate.
+    INVITE = "invite"
+    KICK = "kick"
+    BAN = "ban"
+    UNBAN = "unban"
+    OP = "op"
+    DEOP = "deop"
+    TOPIC = "topic"  # set a room's topic (its subject line)
+
+
+#: The request kinds :class:`~zchat.common.protocol.Moderate` carries.
+MODERATION_KINDS = frozenset(
+    {RequestKind.INVITE, RequestKind.KICK, RequestKind.BAN, RequestKind.UNBAN, RequestKind.OP, RequestKind.DEOP}
+)
 
 
 class ReplyKind(StrEnum):
@@ -39,6 +53,7 @@ class ReplyKind(StrEnum):
     GOODBYE = "goodbye"  # bye
     HISTORY = "history"  # history
     STATS = "stats"  # stats
+    MODERATED = "moderated"  # invite, kick, ban, unban, op, deop, topic
     ERROR = "error"  # any request
 
 
@@ -54,6 +69,16 @@ class EventKind(StrEnum):
     SYNC = "sync"
     TICK = "tick"
     GOAWAY = "goaway"
+    # Moderation, published on the room's topic (invite and kick also on the target's
+    # private topic); rekey on each remaining member's private topic.
+    INVITE = "invite"
+    KICK = "kick"
+    BAN = "ban"
+    UNBAN = "unban"
+    OP = "op"
+    DEOP = "deop"
+    TOPIC = "topic"
+    REKEY = "rekey"  # a private room moved to a new topic: subscribe to it (text) instead
 
 
 class ErrorCode(StrEnum):
@@ -79,4 +104,14 @@ class ErrorCode(StrEnum):
     TOO_MANY_ROOMS = "too_many_rooms"
     SERVER_FULL = "server_full"  # the broker's session limit is reached
     # The broker cannot do it now; retry after retry_after seconds.
+    NOT_INVITED = "not_invited"  # the room is private and you are not on its member list
+    BANNED = "banned"  # you are banned from this private room
+    NOT_OPERATOR = "not_operator"  # only the room's operators may do that
+    NOT_PRIVATE = "not_private"  # moderation applies to private rooms only
+    ROOM_EXISTS = "room_exists"  # a private room was asked for, but a public one has that name
+    TOO_MANY_NICKS = "too_many_nicks"  # the key owns as many nicks as it may
+    TOO_MANY_SESSIONS = "too_many_sessions"  # the key has as many sessions open as it may
+    UNAUTHORIZED = "unauthorized"  # the connection's key may not do that (e.g. resume another key's session)
+    # The broker cannot do it now; retry after retry_after seconds.
     UNAVAILABLE = "unavailable"  # the message store refused the write (disk full, I/O error)
+    RATE_LIMITED = "rate_limited"  # over a flood-control limit: wait retry_after seconds

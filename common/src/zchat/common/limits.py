@@ -22,6 +22,9 @@ class Limits:
         max_room: longest room name, in characters.
         max_rooms_per_session: how many rooms one session may be in at once.
         max_sessions: how many sessions the broker holds at once.
+        max_sessions_per_key: how many sessions one client key may hold at once (secure mode).
+        max_nicks_per_key: how many nicks one client key may own (secure mode).
+        max_subject: longest room topic (subject line), in characters (IRC's TOPICLEN).
     """
 
     max_frame: int = 64 * 1024
@@ -30,6 +33,9 @@ class Limits:
     max_room: int = MAX_ROOM_LENGTH
     max_rooms_per_session: int = 100
     max_sessions: int = 20_000
+    max_sessions_per_key: int = 10
+    max_nicks_per_key: int = 10
+    max_subject: int = 390
 
 
 DEFAULT_LIMITS = Limits()

@@ -4,8 +4,9 @@ Both are Unicode, normalised to NFKC, and made only of letters, marks, digits an
 so that no control, format (zero-width, bidi override) or space character can hide in a name.
 
 * A **nick** keeps the form its owner typed (after NFKC) for display; two nicks are the same
-  nick when their :func:`nick_key` is equal (NFKC of the case-folded NFKC form), so ``Ann``,
-  ``ANN`` and ``ａｎｎ`` (full-width) are one nick.
+  nick when their :func:`nick_key` is equal: case-folded, NFKC, and with lookalike letters
+  reduced to one skeleton, so ``Ann``, ``ANN``, ``ａｎｎ`` (full-width), ``Аnn`` (Cyrillic А),
+  ``Bi11`` and ``BiII`` (``Bill``) and ``rnary`` (``mary``) are one nick.
 * A **room** name is case-insensitive and stored in its key form: ``#General`` is ``general``.
   A leading ``#`` is accepted and dropped, as IRC users type it.
 
@@ -44,6 +45,25 @@ _INVISIBLE = frozenset(
 )
 
 
+#: Letters (after case folding) that look like a Latin letter or digit in common fonts, from
+#: Unicode's confusables (UTS #39) for the scripts nicks mix most: Cyrillic, Greek, Armenian,
+#: plus digits and the i/l/1 and o/0 families. Merging too much only refuses a nick; merging
+#: too little lets one user pass for another.
+_SKELETON = str.maketrans({
+    # Cyrillic
+    "а": "a", "в": "b", "е": "e", "ё": "e", "к": "k", "м": "m", "н": "h", "о": "o", "р": "p",
+    "с": "c", "т": "t", "у": "y", "х": "x", "ѕ": "s", "і": "i", "ї": "i", "ј": "j", "ԁ": "d",
+    "һ": "h", "ԛ": "q", "ԝ": "w", "ӏ": "i", "ү": "y", "ɡ": "g", "ь": "b", "п": "n", "г": "r",
+    # Greek
+    "α": "a", "β": "b", "ε": "e", "ζ": "z", "η": "n", "ι": "i", "κ": "k", "μ": "u", "ν": "v",
+    "ο": "o", "ρ": "p", "τ": "t", "υ": "u", "χ": "x", "ϲ": "c", "ϳ": "j", "ω": "w",
+    # Armenian
+    "օ": "o", "ս": "u", "ց": "g", "հ": "h", "ո": "n", "զ": "q",
+    # Latin letters and digits that pass for one another
+    "l": "i", "1": "i", "ı": "i", "ℓ": "i", "ɩ": "i", "0": "o", "ɑ": "a", "5": "s", "ƅ": "b",
+})
+
+
 def _allowed(ch: str) -> bool:
     return ch in _PUNCTUATION or (unicodedata.category(ch)[0] in "LMN" and ch not in _INVISIBLE)
 
@@ -78,8 +98,13 @@ def normalize_nick(raw: str, max_length: int = MAX_NICK_LENGTH) -> str:
 
 @lru_cache(maxsize=8192)
 def nick_key(nick: str) -> str:
-    """The form two nicks are compared in: NFKC(casefold(NFKC(nick)))."""
-    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", nick).casefold())
+    """The form two nicks are compared in: the skeleton of NFKC(casefold(NFKC(nick))).
+
+    Lookalike letters map to one Latin letter (``_SKELETON``), and ``rn`` and ``vv`` to the
+    ``m`` and ``w`` they pass for, so a nick cannot be impersonated by one that renders the same.
+    """
+    folded = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", nick).casefold())
+    return folded.translate(_SKELETON).replace("rn", "m").replace("vv", "w")
 
 
 @lru_cache(maxsize=8192)

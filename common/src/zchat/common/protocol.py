@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from .codes import ErrorCode, EventKind, ReplyKind, RequestKind
+from .codes import MODERATION_KINDS, ErrorCode, EventKind, ReplyKind, RequestKind
 from .errors import ProtocolError
 from .limits import DEFAULT_LIMITS, Limits
 from .names import check_text, normalize_nick, normalize_room
@@ -151,18 +151,26 @@ class Hello:
 
 @dataclass(slots=True)
 class Join:
-    """Join ``room`` (created if it does not exist)."""
+    """Join ``room`` (created if it does not exist).
+
+    With ``private`` a room that does not exist yet is created invite-only, with the joiner
+    as its operator; a private room can be joined only by those on its member list.
+    """
 
     KIND: ClassVar[RequestKind] = RequestKind.JOIN
     rid: int
     room: str
+    private: bool = False
 
     @classmethod
     def from_map(cls, m: Map, rid: int, limits: Limits = DEFAULT_LIMITS) -> Join:
-        return cls(rid, normalize_room(get_str(m, "room", rid), limits.max_room))
+        return cls(rid, normalize_room(get_str(m, "room", rid), limits.max_room), get_bool(m, "private", rid))
 
     def to_map(self) -> Map:
-        return {**_header(self.KIND, self.rid), "room": self.room}
+        out = {**_header(self.KIND, self.rid), "room": self.room}
+        if self.private:
+            out["private"] = True
+        return out
 
 
 @dataclass(slots=True)
@@ -272,6 +280,61 @@ class Nick:
 
 
 @dataclass(slots=True)
+class Moderate:
+    """An operator's action on ``nick`` in the private room ``room``.
+
+    ``kind`` is one of invite, kick, ban, unban, op, deop (:data:`MODERATION_KINDS`);
+    ``reason`` is shown with a kick or ban.
+    """
+
+    kind: RequestKind
+    rid: int
+    room: str
+    nick: str
+    reason: str = ""
+
+    @classmethod
+    def from_map(cls, m: Map, rid: int, limits: Limits = DEFAULT_LIMITS) -> Moderate:
+        kind = RequestKind(get_str(m, "kind", rid))
+        reason = get_str(m, "reason", rid, default="")
+        if reason:
+            check_text(reason, limits.max_subject)
+        return cls(
+            kind,
+            rid,
+            normalize_room(get_str(m, "room", rid), limits.max_room),
+            normalize_nick(get_str(m, "nick", rid), limits.max_nick),
+            reason,
+        )
+
+    def to_map(self) -> Map:
+        out = {**_header(self.kind, self.rid), "room": self.room, "nick": self.nick}
+        if self.reason:
+            out["reason"] = self.reason
+        return out
+
+
+@dataclass(slots=True)
+class SetTopic:
+    """Set the topic (subject line) of ``room``; ``""`` clears it. Private rooms: operators only."""
+
+    KIND: ClassVar[RequestKind] = RequestKind.TOPIC
+    rid: int
+    room: str
+    text: str
+
+    @classmethod
+    def from_map(cls, m: Map, rid: int, limits: Limits = DEFAULT_LIMITS) -> SetTopic:
+        text = get_str(m, "text", rid)
+        if text:
+            check_text(text, limits.max_subject)
+        return cls(rid, normalize_room(get_str(m, "room", rid), limits.max_room), text)
+
+    def to_map(self) -> Map:
+        return {**_header(self.KIND, self.rid), "room": self.room, "text": self.text}
+
+
+@dataclass(slots=True)
 class History:
     """A page of a room's stored messages (``room``) or of this client's DMs (``dm``).
 
@@ -354,11 +417,16 @@ class Bye(_Bare):
     KIND: ClassVar[RequestKind] = RequestKind.BYE
 
 
-Request = Hello | Join | Leave | Say | Dm | Who | Rooms | Nick | Ping | Bye | History | StatsRequest
+Request = (
+    Hello | Join | Leave | Say | Dm | Who | Rooms | Nick | Ping | Bye | History | StatsRequest | Moderate | SetTopic
+)
 
 REQUEST_TYPES: dict[str, type[Request]] = {
-    cls.KIND.value: cls
-    for cls in (Hello, Join, Leave, Say, Dm, Who, Rooms, Nick, Ping, Bye, History, StatsRequest)
+    **{
+        cls.KIND.value: cls
+        for cls in (Hello, Join, Leave, Say, Dm, Who, Rooms, Nick, Ping, Bye, History, StatsRequest, SetTopic)
+    },
+    **{kind.value: Moderate for kind in MODERATION_KINDS},
 }
 
 
@@ -376,7 +444,8 @@ class Welcome:
     took over this client's live session from an earlier connection; ``max_page`` caps
     ``history`` pages; ``epoch`` identifies the broker's message history: when it differs
     from the one a reconnecting client saw before, the history started over (sequence
-    numbers begin again) and the client must forget the ones it remembers.
+    numbers begin again) and the client must forget the ones it remembers. ``key`` is the
+    client's CURVE public key (Z85) as the broker authenticated it, or "" in insecure mode.
     """
 
     KIND: ClassVar[ReplyKind] = ReplyKind.WELCOME
@@ -391,6 +460,7 @@ class Welcome:
     resumed: bool = False
     max_page: int = 200
     epoch: int = 0
+    key: str = ""
 
     @classmethod
     def from_map(cls, m: Map, rid: int) -> Welcome:
@@ -407,6 +477,7 @@ class Welcome:
             get_bool(m, "resumed"),
             get_int(m, "max_page", default=200),
             get_int(m, "epoch", default=0),
+            get_str(m, "key", default=""),
         )
 
     def to_map(self) -> Map:
@@ -422,12 +493,17 @@ class Welcome:
             "resumed": self.resumed,
             "max_page": self.max_page,
             "epoch": self.epoch,
+            "key": self.key,
         }
 
 
 @dataclass(slots=True)
 class Joined:
-    """Reply to ``join``: subscribe to ``topic``; ``seq`` is the room's last message's seq."""
+    """Reply to ``join``: subscribe to ``topic``; ``seq`` is the room's last message's seq.
+
+    ``private`` says whether the room is invite-only; ``subject`` is the room's topic line
+    (set with ``topic``); ``ops`` the nicks of the operators among the members.
+    """
 
     KIND: ClassVar[ReplyKind] = ReplyKind.JOINED
     rid: int
@@ -435,11 +511,16 @@ class Joined:
     topic: str
     members: tuple[str, ...]
     seq: int = 0
+    private: bool = False
+    subject: str = ""
+    ops: tuple[str, ...] = ()
 
     @classmethod
     def from_map(cls, m: Map, rid: int) -> Joined:
         members = get_str_list(m, "members")
-        return cls(rid, get_str(m, "room"), get_str(m, "topic"), members, get_int(m, "seq", default=0))
+        ops = get_str_list(m, "ops") if "ops" in m else ()
+        return cls(rid, get_str(m, "room"), get_str(m, "topic"), members, get_int(m, "seq", default=0),
+                   get_bool(m, "private"), get_str(m, "subject", default=""), ops)
 
     def to_map(self) -> Map:
         return {
@@ -448,6 +529,9 @@ class Joined:
             "topic": self.topic,
             "members": list(self.members),
             "seq": self.seq,
+            "private": self.private,
+            "subject": self.subject,
+            "ops": list(self.ops),
         }
 
 
@@ -496,27 +580,31 @@ class Sent:
 
 @dataclass(slots=True)
 class Members:
-    """Reply to ``who``: the room's members' nicks, sorted."""
+    """Reply to ``who``: the room's members' nicks, sorted, and which of them are operators."""
 
     KIND: ClassVar[ReplyKind] = ReplyKind.MEMBERS
     rid: int
     room: str
     members: tuple[str, ...]
+    ops: tuple[str, ...] = ()
 
     @classmethod
     def from_map(cls, m: Map, rid: int) -> Members:
-        return cls(rid, get_str(m, "room"), get_str_list(m, "members"))
+        ops = get_str_list(m, "ops") if "ops" in m else ()
+        return cls(rid, get_str(m, "room"), get_str_list(m, "members"), ops)
 
     def to_map(self) -> Map:
-        return {**_header(self.KIND, self.rid), "room": self.room, "members": list(self.members)}
+        return {**_header(self.KIND, self.rid), "room": self.room, "members": list(self.members),
+                "ops": list(self.ops)}
 
 
 @dataclass(slots=True)
 class RoomInfo:
-    """One room in a ``rooms`` reply."""
+    """One room in a ``rooms`` reply (private rooms are listed only to their members)."""
 
     name: str
     members: int
+    private: bool = False
 
 
 @dataclass(slots=True)
@@ -530,12 +618,13 @@ class RoomList:
     @classmethod
     def from_map(cls, m: Map, rid: int) -> RoomList:
         raw = get_map_list(m, "rooms", rid)
-        return cls(rid, tuple(RoomInfo(get_str(r, "room"), get_int(r, "members")) for r in raw))
+        return cls(rid, tuple(RoomInfo(get_str(r, "room"), get_int(r, "members"), get_bool(r, "private"))
+                              for r in raw))
 
     def to_map(self) -> Map:
         return {
             **_header(self.KIND, self.rid),
-            "rooms": [{"room": r.name, "members": r.members} for r in self.rooms],
+            "rooms": [{"room": r.name, "members": r.members, "private": r.private} for r in self.rooms],
         }
 
 
@@ -553,6 +642,24 @@ class NickChanged:
 
     def to_map(self) -> Map:
         return {**_header(self.KIND, self.rid), "nick": self.nick}
+
+
+@dataclass(slots=True)
+class Moderated:
+    """Reply to invite, kick, ban, unban, op, deop and topic: done. ``nick`` is "" for topic."""
+
+    KIND: ClassVar[ReplyKind] = ReplyKind.MODERATED
+    rid: int
+    room: str
+    action: str
+    nick: str = ""
+
+    @classmethod
+    def from_map(cls, m: Map, rid: int) -> Moderated:
+        return cls(rid, get_str(m, "room"), get_str(m, "action"), get_str(m, "nick", default=""))
+
+    def to_map(self) -> Map:
+        return {**_header(self.KIND, self.rid), "room": self.room, "action": self.action, "nick": self.nick}
 
 
 @dataclass(slots=True)
@@ -631,13 +738,16 @@ class Event:
         kind: what happened.
         room: the room, or None for DMs and sync markers.
         sender: the nick of the session that caused it, stamped by the broker.
-        text: the message text; a leave's reason; a sync marker's nonce; else "".
+        text: the message text; a leave's, kick's or ban's reason; a sync marker's nonce; a
+            topic event's new topic; a rekey's new topic to subscribe to; else "".
         ts: the broker's clock when it happened (seconds since the epoch).
         id: the broker's id for it, unique and increasing.
         to: for a DM, the recipient's nick.
-        nick: for a nick change, the new nick (``sender`` is the old one).
+        nick: for a nick change, the new nick (``sender`` is the old one); for invite, kick,
+            ban, unban, op and deop, the nick acted on (``sender`` is the operator).
         seq: for stored kinds (message, action, dm) the place in its channel, gapless; for
-            a tick, the channel's last seq; else None.
+            a tick, the channel's last seq; for a rekey, the room's last seq published on
+            the old topic; else None.
     """
 
     kind: EventKind
@@ -747,13 +857,13 @@ class StatsReply:
 
 Reply = (
     Welcome | Joined | Left | Sent | Members | RoomList | NickChanged | Pong | Goodbye | ErrorReply | HistoryPage
-    | StatsReply
+    | StatsReply | Moderated
 )
 
 REPLY_TYPES: dict[str, type[Reply]] = {
     cls.KIND.value: cls
     for cls in (
         Welcome, Joined, Left, Sent, Members, RoomList, NickChanged, Pong, Goodbye, ErrorReply, HistoryPage,
-        StatsReply,
+        StatsReply, Moderated,
     )
 }

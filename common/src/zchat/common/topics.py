@@ -6,6 +6,8 @@ receives that topic and nothing else.
 
 * ``r/<room>/``: a public room (``<room>`` is the room's canonical name in UTF-8).
 * ``p/<32 hex digits>/``: a session's private topic, random, handed out only in its welcome.
+* ``q/<32 hex digits>/``: a private room's topic, random, handed out only to its members in
+  ``joined`` and ``rekey``; replaced by a fresh one whenever someone is removed from the room.
 * ``p/<32 hex digits>/sync/<nonce>``: not a topic anything is published on, but a
   subscription the broker answers with a ``sync`` event on the private topic, so a client
   knows that every subscription it made before is in force.
@@ -17,6 +19,7 @@ import secrets
 
 ROOM_PREFIX = b"r/"
 PRIVATE_PREFIX = b"p/"
+PRIVATE_ROOM_PREFIX = b"q/"
 SYNC_INFIX = b"sync/"
 #: Length of a private topic: "p/" + 32 hex digits + "/".
 PRIVATE_TOPIC_LENGTH = len(PRIVATE_PREFIX) + 32 + 1
@@ -32,6 +35,11 @@ def room_topic(room: str) -> bytes:
 def new_private_topic() -> bytes:
     """A fresh, unguessable private topic (128 random bits)."""
     return PRIVATE_PREFIX + secrets.token_hex(16).encode() + b"/"
+
+
+def new_private_room_topic() -> bytes:
+    """A fresh, unguessable topic for a private room (128 random bits)."""
+    return PRIVATE_ROOM_PREFIX + secrets.token_hex(16).encode() + b"/"
 
 
 def sync_subscription(private_topic: bytes, nonce: str) -> bytes:
