@@ -20,6 +20,7 @@ import pytest
 import zmq
 
 from zchat.broker import Broker, BrokerConfig
+from zchat.broker.ratelimit import RateLimits
 from zchat.client import Client
 
 LOOPBACK = "tcp://127.0.0.1:*"
@@ -62,6 +63,10 @@ def start_broker(config: BrokerConfig | None = None, data_dir: Path | None = Non
     if config.data_dir == BrokerConfig().data_dir:  # never the user's real data directory
         config = replace(config, data_dir=data_dir or Path(tempfile.mkdtemp(prefix="zchat-test-")))
     config = replace(config, router=LOOPBACK, pub=LOOPBACK)
+    if config.rate_limits == RateLimits():
+        # Tests send far faster than any person: flood control stays off unless a test
+        # asks for limits of its own (tests/test_flood.py).
+        config = replace(config, rate_limits=None)
     broker = Broker(config)
     thread = threading.Thread(target=broker.serve_forever, name="broker", daemon=True)
     thread.start()
@@ -128,7 +133,8 @@ class BrokerProcess:
 def spawn_broker(*args: str, env: dict[str, str] | None = None, timeout: float = 10.0) -> BrokerProcess:
     """Start a broker process on OS-chosen loopback ports and wait for its ready line."""
     cmd = [sys.executable, "-m", "zchat.broker", "--router", LOOPBACK, "--pub", LOOPBACK, *args]
-    env = {"ZCHAT_DATA_DIR": tempfile.mkdtemp(prefix="zchat-test-"), **os.environ, **(env or {})}
+    env = {"ZCHAT_DATA_DIR": tempfile.mkdtemp(prefix="zchat-test-"), "ZCHAT_NO_RATE_LIMITS": "1",
+           **os.environ, **(env or {})}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
     assert proc.stdout is not None
     deadline = time.monotonic() + timeout

@@ -536,8 +536,8 @@ def test_a_message_sent_as_the_joiners_subscription_is_granted_is_delivered_once
     decide = core.handle_subscription
     injected: list[bytes] = []
 
-    def grant_and_say(message: bytes) -> Subscription:
-        decision = decide(message)
+    def grant_and_say(message: bytes, key: str | None = None) -> Subscription:
+        decision = decide(message, key)
         if message == b"\x01" + room_topic("busy") and not injected:
             injected.append(message)  # its reply goes to the talker, which ignores the unknown rid
             core.handle_request(talker_peer, encode(Say(10_000, "busy", "just in time", cmid="in-time")))

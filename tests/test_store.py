@@ -18,10 +18,12 @@ from hypothesis import strategies as st
 from zchat.broker.store import (
     Durability,
     MemoryStore,
+    RoomAcl,
     SqliteStore,
     Store,
     StoredMessage,
     StoreError,
+    export_room,
     open_history,
 )
 
@@ -468,3 +470,273 @@ def test_memory_and_sqlite_agree(tmp_path_factory: pytest.TempPathFactory, ops: 
         memory.close()
         sqlite.close()
 
+
+# -- nick ownership and private rooms ---------------------------------------------------------
+
+ANN_KEY = "A" * 40
+BOB_KEY = "B" * 40
+
+
+def acl(name: str = "secret", *, subject: str = "") -> RoomAcl:
+    return RoomAcl(name, ANN_KEY, T0, {ANN_KEY, BOB_KEY}, {ANN_KEY}, {"C" * 40}, subject)
+
+
+def test_a_new_store_has_no_nicks_or_rooms(store: Store) -> None:
+    assert store.nick_owner("ann") is None
+    assert store.nicks_owned(ANN_KEY) == 0
+    assert store.private_rooms() == {}
+
+
+def test_registered_nicks_are_read_back_staged_and_committed(store: Store) -> None:
+    store.register_nick("ann", ANN_KEY, "Ann", T0)
+    store.register_nick("annie", ANN_KEY, "Annie", T0 + 1)
+    store.register_nick("bob", BOB_KEY, "bob", T0 + 2)
+    assert (store.nick_owner("ann"), store.nick_owner("bob"), store.nick_owner("carol")) == (ANN_KEY, BOB_KEY, None)
+    assert (store.nicks_owned(ANN_KEY), store.nicks_owned(BOB_KEY), store.nicks_owned("C" * 40)) == (2, 1, 0)
+    assert store.commit() == 0  # no messages, but the registrations are written
+    assert (store.nick_owner("ann"), store.nick_owner("bob"), store.nick_owner("carol")) == (ANN_KEY, BOB_KEY, None)
+    assert (store.nicks_owned(ANN_KEY), store.nicks_owned(BOB_KEY)) == (2, 1)
+    store.register_nick("ann", ANN_KEY, "ANN", T0 + 3)  # the same owner again: still one key
+    assert store.nicks_owned(ANN_KEY) == 2
+
+
+def test_registering_a_nick_again_moves_it_to_the_new_owner(store: Store) -> None:
+    store.register_nick("ann", ANN_KEY, "ann", T0)
+    store.commit()
+    store.register_nick("ann", BOB_KEY, "ann", T0 + 1)
+    assert store.nick_owner("ann") == BOB_KEY  # staged already
+    assert (store.nicks_owned(ANN_KEY), store.nicks_owned(BOB_KEY)) == (0, 1)
+    store.commit()
+    assert store.nick_owner("ann") == BOB_KEY
+    assert (store.nicks_owned(ANN_KEY), store.nicks_owned(BOB_KEY)) == (0, 1)
+
+
+def test_saved_rooms_are_read_back_staged_and_committed(store: Store) -> None:
+    room = acl()
+    store.save_room(room)
+    assert store.private_rooms() == {"secret": acl()}
+    room.members.add("D" * 40)  # the store keeps what was saved, not the caller's object
+    room.subject = "changed"
+    assert store.private_rooms() == {"secret": acl()}
+    assert store.commit() == 0
+    loaded = store.private_rooms()
+    assert loaded == {"secret": acl()}
+    loaded["secret"].banned.clear()  # nor does it hand out its own
+    assert store.private_rooms() == {"secret": acl()}
+    store.save_room(room)  # an upsert
+    store.save_room(acl("other", subject="hush"))
+    assert store.private_rooms() == {"secret": room, "other": acl("other", subject="hush")}
+    store.commit()
+    assert store.private_rooms() == {"secret": room, "other": acl("other", subject="hush")}
+
+
+def test_nicks_and_rooms_commit_with_the_turns_messages(store: Store) -> None:
+    store.add(msg(ROOM, 1))
+    store.register_nick("ann", ANN_KEY, "ann", T0)
+    store.save_room(acl())
+    assert store.commit() == 1  # counts the messages only
+    assert seqs(everything(store, ROOM)) == [1]
+    assert store.nick_owner("ann") == ANN_KEY
+    assert store.private_rooms() == {"secret": acl()}
+    assert store.commit() == 0
+
+
+def test_a_failed_commit_keeps_nicks_and_rooms_for_the_next(store: Store) -> None:
+    fill(store, ROOM, 1, 1)
+    store.add(msg(ROOM, 2))
+    store.register_nick("ann", ANN_KEY, "ann", T0)
+    store.save_room(acl())
+    fail_commit(store, True)
+    assert seqs(everything(store, ROOM)) == [1]  # the message is gone: the core sequences it again
+    assert store.nick_owner("ann") == ANN_KEY  # still staged, still read
+    assert store.private_rooms() == {"secret": acl()}
+    fail_commit(store, True)  # with nothing but them staged (and a poison message in SQLite)
+    assert store.commit() == 0  # written now
+    assert store.nick_owner("ann") == ANN_KEY
+    assert store.private_rooms() == {"secret": acl()}
+    assert seqs(everything(store, ROOM)) == [1]
+
+
+def test_memory_store_failing_commit_of_only_nicks_and_rooms() -> None:
+    store = MemoryStore()
+    store.fail_commits = True
+    store.register_nick("ann", ANN_KEY, "ann", T0)
+    with pytest.raises(StoreError):
+        store.commit()
+    store.fail_commits = False
+    store.save_room(acl())
+    assert store.commit() == 0
+    store.fail_commits = True
+    assert store.commit() == 0  # nothing staged any more: nothing to fail
+    assert (store.nick_owner("ann"), list(store.private_rooms())) == (ANN_KEY, ["secret"])
+
+
+def test_close_drops_staged_nicks_and_rooms(tmp_path: Path) -> None:
+    path = tmp_path / SqliteStore.FILENAME
+    for store in (MemoryStore(), SqliteStore(path)):
+        store.register_nick("ann", ANN_KEY, "ann", T0)
+        store.save_room(acl())
+        store.close()
+    reopened = SqliteStore(path)
+    assert (reopened.nick_owner("ann"), reopened.private_rooms()) == (None, {})
+    reopened.close()
+
+
+def test_sqlite_nicks_and_rooms_survive_a_reopen(sqlite_path: Path) -> None:
+    store = SqliteStore(sqlite_path)
+    store.register_nick("ann", ANN_KEY, "Ann", T0)
+    store.register_nick("bob", BOB_KEY, "bob", T0)
+    store.save_room(acl())
+    store.save_room(RoomAcl("empty", BOB_KEY, T0 + 0.25, set(), set(), set()))
+    store.add(msg(ROOM, 1))
+    store.commit()
+    store.close()
+
+    again = SqliteStore(sqlite_path)
+    try:
+        assert (again.nick_owner("ann"), again.nick_owner("bob")) == (ANN_KEY, BOB_KEY)
+        assert (again.nicks_owned(ANN_KEY), again.nicks_owned(BOB_KEY)) == (1, 1)
+        assert again.private_rooms() == {
+            "secret": acl(),
+            "empty": RoomAcl("empty", BOB_KEY, T0 + 0.25, set(), set(), set()),
+        }
+        row = again._db.execute("SELECT nick, ts FROM nicks WHERE nkey = 'ann'").fetchone()
+        assert row == ("Ann", T0)
+        members = again._db.execute("SELECT members FROM private_rooms WHERE name = 'secret'").fetchone()[0]
+        assert members == f'["{ANN_KEY}", "{BOB_KEY}"]'  # a sorted JSON array of strings
+    finally:
+        again.close()
+    assert [m.seq for m in export_room(sqlite_path, "general")] == [1]
+
+
+def test_sqlite_refuses_a_corrupt_room_row(sqlite_path: Path) -> None:
+    store = SqliteStore(sqlite_path)
+    try:
+        store.save_room(acl())
+        store.commit()
+        store._db.execute("UPDATE private_rooms SET ops = '[1, 2]'")
+        with pytest.raises(StoreError, match="secret"):
+            store.private_rooms()
+        store._db.execute("UPDATE private_rooms SET ops = 'not json'")
+        with pytest.raises(StoreError, match="secret"):
+            store.private_rooms()
+    finally:
+        store.close()
+
+
+#: The schema before nick ownership and private rooms (SCHEMA_VERSION 1).
+SCHEMA_1 = """
+CREATE TABLE messages (
+    channel TEXT NOT NULL, seq INTEGER NOT NULL, id INTEGER NOT NULL, ts REAL NOT NULL,
+    kind TEXT NOT NULL, room TEXT, sender TEXT NOT NULL, text TEXT NOT NULL,
+    recipient TEXT, client TEXT, cmid TEXT, PRIMARY KEY (channel, seq)
+) WITHOUT ROWID;
+CREATE INDEX messages_by_cmid ON messages (client, cmid) WHERE cmid IS NOT NULL;
+CREATE INDEX messages_by_ts ON messages (ts);
+CREATE TABLE channels (channel TEXT PRIMARY KEY, last_seq INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+INSERT INTO meta VALUES ('schema', 1), ('last_id', 7), ('epoch', 12345);
+INSERT INTO channels VALUES ('r:general', 7);
+INSERT INTO messages VALUES ('r:general', 7, 7, 1700000007.0, 'message', 'general', 'ann', 'hi', NULL, NULL, NULL);
+"""
+
+
+def test_sqlite_opens_a_database_of_schema_1(sqlite_path: Path) -> None:
+    sqlite_path.parent.mkdir(parents=True)
+    old = sqlite3.connect(sqlite_path)
+    old.executescript(SCHEMA_1)
+    old.close()
+    store = SqliteStore(sqlite_path)
+    try:
+        assert (store.epoch, store.last_id(), store.last_seq(ROOM)) == (12345, 7, 7)
+        assert [m.text for m in everything(store, ROOM)] == ["hi"]
+        assert (store.nick_owner("ann"), store.private_rooms()) == (None, {})
+        store.register_nick("ann", ANN_KEY, "ann", T0)
+        store.save_room(acl())
+        assert store.commit() == 0
+        assert store._meta("schema") == 2
+    finally:
+        store.close()
+    again = SqliteStore(sqlite_path)
+    try:
+        assert (again.epoch, again.nick_owner("ann"), list(again.private_rooms())) == (12345, ANN_KEY, ["secret"])
+    finally:
+        again.close()
+
+
+NICK_KEYS = ("ann", "bob", "carol")
+OWNERS = (ANN_KEY, BOB_KEY)
+ROOMS = ("secret", "hidden")
+
+acl_ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("nick"), st.integers(0, len(NICK_KEYS) - 1), st.integers(0, len(OWNERS) - 1)),
+        st.tuples(st.just("room"), st.integers(0, len(ROOMS) - 1), st.integers(0, len(OWNERS) - 1)),
+        st.tuples(st.sampled_from(["commit", "fail", "message"]), st.just(0), st.just(0)),
+    ),
+    max_size=30,
+)
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(ops=acl_ops)
+def test_memory_and_sqlite_agree_on_nicks_and_rooms(
+    tmp_path_factory: pytest.TempPathFactory, ops: list[tuple[str, int, int]]
+) -> None:
+    """Any mix of registrations, room saves, messages, commits and failed commits: both stores
+    read the same, and what they read is the last thing staged (failures lose none of it)."""
+    path = tmp_path_factory.mktemp("acl") / SqliteStore.FILENAME
+    memory, sqlite = MemoryStore(), SqliteStore(path)
+    stores: tuple[Store, Store] = (memory, sqlite)
+    owners: dict[str, str] = {}
+    rooms: dict[str, RoomAcl] = {}
+    handed = committed = 0  # the room's seqs, as a core hands them out
+    staged_acl = False  # nick registrations or room saves staged
+    try:
+        for step, (op, a, b) in enumerate(ops):
+            if op == "nick":
+                owners[NICK_KEYS[a]] = OWNERS[b]
+                staged_acl = True
+            elif op == "room":
+                rooms[ROOMS[a]] = RoomAcl(ROOMS[a], OWNERS[b], T0, {OWNERS[b]}, {OWNERS[b]}, set(), f"s{step}")
+                staged_acl = True
+            elif op == "message":
+                handed += 1
+            for store in stores:
+                if op == "nick":
+                    store.register_nick(NICK_KEYS[a], OWNERS[b], NICK_KEYS[a], T0 + step)
+                elif op == "room":
+                    store.save_room(rooms[ROOMS[a]])
+                elif op == "message":
+                    store.add(msg(ROOM, handed))
+                elif op == "commit":
+                    store.commit()
+                elif op == "fail":
+                    fail_commit(store, staged_acl or handed > committed)
+            if op == "commit":
+                committed, staged_acl = handed, False
+            elif op == "fail":
+                handed = committed
+            for store in stores:
+                assert {nkey: store.nick_owner(nkey) for nkey in NICK_KEYS} == {k: owners.get(k) for k in NICK_KEYS}
+                assert [store.nicks_owned(owner) for owner in OWNERS] == [
+                    sum(1 for o in owners.values() if o == owner) for owner in OWNERS
+                ]
+                assert store.private_rooms() == rooms
+                assert store.last_seq(ROOM) == committed
+        for store in stores:
+            store.commit()
+        sqlite.close()
+        sqlite = SqliteStore(path)
+        stores = (memory, sqlite)
+        assert {nkey: sqlite.nick_owner(nkey) for nkey in NICK_KEYS} == {k: owners.get(k) for k in NICK_KEYS}
+        assert sqlite.private_rooms() == memory.private_rooms() == rooms
+    finally:
+        memory.close()
+        sqlite.close()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import secrets
 from collections import Counter, OrderedDict
 from collections.abc import Callable
@@ -33,7 +34,7 @@ from enum import Enum
 from typing import Any
 
 from zchat.common.codec import decode_request, encode
-from zchat.common.codes import ErrorCode, EventKind
+from zchat.common.codes import ErrorCode, EventKind, RequestKind
 from zchat.common.errors import ProtocolError
 from zchat.common.limits import DEFAULT_LIMITS, Limits
 from zchat.common.names import nick_key
@@ -51,6 +52,8 @@ from zchat.common.protocol import (
     Leave,
     Left,
     Members,
+    Moderate,
+    Moderated,
     Nick,
     NickChanged,
     Ping,
@@ -62,14 +65,16 @@ from zchat.common.protocol import (
     Rooms,
     Say,
     Sent,
+    SetTopic,
     StatsReply,
     StatsRequest,
     Welcome,
     Who,
 )
-from zchat.common.topics import new_private_topic, room_topic, split_sync
+from zchat.common.topics import new_private_room_topic, new_private_topic, room_topic, split_sync
 
-from .store import MemoryStore, Store, StoredMessage, StoreError
+from .ratelimit import FloodControl, Kind, RateLimits, Verdict
+from .store import MemoryStore, RoomAcl, Store, StoredMessage, StoreError
 
 log = logging.getLogger("zchat.broker")
 
@@ -108,26 +113,39 @@ class Subscription(Enum):
 
 @dataclass(eq=False, slots=True)
 class Session:
-    """One client's session, bound to its DEALER's routing id on the ROUTER."""
+    """One client's session, bound to its DEALER's routing id on the ROUTER.
+
+    ``principal`` is who the session acts for: its CURVE public key (``pubkey``) in secure
+    mode, its client-identity hash otherwise. Flood control, private-room membership and
+    the DM inbox belong to the principal, so every session of one key shares them.
+    """
 
     peer: bytes
     nick: str
-    key: str
+    nkey: str  # nick_key(nick)
     topic: bytes
     client: str  # hash of the client identity
-    inbox: str  # the DM channel, "d:<client hash>"
+    inbox: str  # the principal's DM channel, "d:<hash>"
     last_seen: float
+    principal: str
+    pubkey: str | None = None
     rooms: dict[str, Room] = field(default_factory=dict)
 
 
 @dataclass(eq=False, slots=True)
 class Room:
-    """A room in use; it exists while it has members (its history outlives it)."""
+    """A room in use; it exists while it has members (its history outlives it).
+
+    A private room also has an ``acl`` (persisted, outliving the Room) and a random topic
+    that is replaced whenever someone is removed from it.
+    """
 
     name: str
     topic: bytes
     channel: str
     members: set[Session] = field(default_factory=set)
+    acl: RoomAcl | None = None
+    subject: str = ""  # a public room's topic line (a private room keeps it in its acl)
 
 
 @dataclass(slots=True)
@@ -168,6 +186,19 @@ def _fields(event: str, session: Session) -> dict[str, str]:
     return {"event": f"session_{event}", "nick": session.nick, "peer": session.peer.hex()}
 
 
+def _retry_after(seconds: float) -> float:
+    """``seconds`` rounded up to the millisecond: never 0, never early."""
+    return math.ceil(seconds * 1000) / 1000
+
+
+def _unlist(index: dict[str, list[Session]], key: str, session: Session) -> None:
+    """Take ``session`` out of ``index[key]``, dropping the entry when it empties."""
+    sessions = index[key]
+    sessions.remove(session)
+    if not sessions:
+        del index[key]
+
+
 def client_hash(identity: str) -> str:
     """The stored form of a client identity (the identity itself is a secret)."""
     return hashlib.sha256(identity.encode()).hexdigest()[:32]
@@ -184,6 +215,9 @@ class BrokerCore:
         max_page: most events one ``history`` reply holds.
         tick_horizon: seconds after a channel's last message during which ticks announce
             its last seq (so a lost final message is noticed).
+        secure: CURVE is on: every request and subscription comes with the peer's public
+            key, nicks belong to keys, and grants of private topics check the key.
+        rate_limits: flood-control limits per principal (default: none).
     """
 
     def __init__(
@@ -196,6 +230,8 @@ class BrokerCore:
         max_page: int = 200,
         tick_horizon: float = 60.0,
         version: str = "",
+        secure: bool = False,
+        rate_limits: RateLimits | None = None,
     ) -> None:
         self.store: Store = store if store is not None else MemoryStore()
         self.limits = limits
@@ -204,9 +240,15 @@ class BrokerCore:
         self.heartbeat = session_timeout / 3
         self.max_page = max_page
         self.tick_horizon = tick_horizon
+        self.secure = secure
+        self.flood = FloodControl(rate_limits) if rate_limits is not None else None
         self.sessions: dict[bytes, Session] = {}
-        self.nicks: dict[str, Session] = {}
+        # nick key -> the live sessions using that nick (several only for one key's sessions)
+        self.nicks: dict[str, list[Session]] = {}
+        # DM inbox channel -> the live sessions of its principal
+        self.inboxes: dict[str, list[Session]] = {}
         self.clients: dict[str, Session] = {}
+        self.acls: dict[str, RoomAcl] = self.store.private_rooms()
         self.private_topics: dict[bytes, Session] = {}
         self.rooms: dict[str, Room] = {}
         self.room_topics: dict[bytes, Room] = {}
@@ -227,6 +269,7 @@ class BrokerCore:
         self._stored_at_last_prune = 0
         self._xpub_misaligned = False
         self._junk_epoch = 0
+        self._dirty = False  # room or nick records staged in the store
         self._replies: list[tuple[bytes, bytes]] = []
         self._publishes: list[tuple[bytes, bytes] | None] = []
         self._handlers: dict[type[Any], Callable[[Session, Any], Reply]] = {
@@ -242,6 +285,8 @@ class BrokerCore:
             History: self._history,
             StatsRequest: self._stats,
             Hello: self._hello_again,
+            Moderate: self._moderate,
+            SetTopic: self._set_topic,
         }
 
     # -- inputs ----------------------------------------------------------------------------
@@ -253,8 +298,11 @@ class BrokerCore:
         if self._started is None:
             self._started = mono
 
-    def handle_request(self, peer: bytes, frame: bytes) -> None:
-        """Handle one request frame from the DEALER whose routing id is ``peer``."""
+    def handle_request(self, peer: bytes, frame: bytes, key: str | None = None) -> None:
+        """Handle one request frame from the DEALER whose routing id is ``peer``.
+
+        ``key`` is the connection's CURVE public key (secure mode), as ZAP authenticated it.
+        """
         self.stats.requests += 1
         if not frame:
             self._queue_reply(peer, ErrorReply(None, ErrorCode.BAD_FRAMES, "empty frame"))
@@ -266,10 +314,11 @@ class BrokerCore:
             return
         session = self.sessions.get(peer)
         if session is None:
-            reply = self._without_session(peer, request)
+            reply = self._without_session(peer, request, key)
         else:
             session.last_seen = self.mono
-            reply = self._handlers[type(request)](session, request)
+            limited = self._charge(session, request, len(frame)) if self.flood is not None else None
+            reply = limited or self._handlers[type(request)](session, request)
         self._queue_reply(peer, reply)
 
     def handle_bad_frames(self, peer: bytes, count: int) -> None:
@@ -278,11 +327,13 @@ class BrokerCore:
         reason = f"a request is exactly one frame, not {count}"
         self._queue_reply(peer, ErrorReply(None, ErrorCode.BAD_FRAMES, reason))
 
-    def handle_subscription(self, message: bytes) -> Subscription:
+    def handle_subscription(self, message: bytes, key: str | None = None) -> Subscription:
         """Decide on one single-frame message read from the XPUB socket.
 
         ``\\x01topic`` asks to subscribe, ``\\x00topic`` to unsubscribe; anything else is junk
-        an XSUB sent, and :meth:`handle_xpub_junk` must be called for it instead.
+        an XSUB sent, and :meth:`handle_xpub_junk` must be called for it instead. ``key`` is
+        the subscriber's CURVE public key in secure mode: a private topic is then granted
+        only to its owner's key, a private room's only to a member's.
         """
         if not message or message[0] > 1:
             self.handle_xpub_junk()
@@ -295,13 +346,16 @@ class BrokerCore:
         topic = message[1:]
         if message[0] == 0:
             return Subscription.UNSUBSCRIBE
-        if topic in self.room_topics or topic in self.private_topics:
+        if key is not None and self.flood is not None and self._subscription_limited(key):
+            self.stats.subscriptions_denied += 1
+            return Subscription.DENY
+        if self._may_read(topic, key):
             self.stats.subscriptions_granted += 1
             return Subscription.GRANT
         sync = split_sync(topic)
         if sync is not None:
             session = self.private_topics.get(sync[0])
-            if session is not None:
+            if session is not None and (not self.secure or session.pubkey == key):
                 # seq carries the junk epoch: a client that sees it change between two syncs
                 # cannot be sure a subscription it sent in between was placed, and resends it.
                 epoch = self._junk_epoch
@@ -311,6 +365,62 @@ class BrokerCore:
         self.stats.subscriptions_denied += 1
         log.debug("subscription to %r denied: not a live room or private topic", topic[:80])
         return Subscription.DENY
+
+    def _may_read(self, topic: bytes, key: str | None) -> bool:
+        """Whether a subscriber (with CURVE ``key`` in secure mode) may be granted ``topic``."""
+        room = self.room_topics.get(topic)
+        if room is not None:
+            # Insecure mode: a private room's topic is a secret only members were told.
+            return room.acl is None or not self.secure or key in room.acl.members
+        session = self.private_topics.get(topic)
+        return session is not None and (not self.secure or session.pubkey == key)
+
+    def _subscription_limited(self, key: str) -> bool:
+        assert self.flood is not None
+        verdict, _ = self.flood.charge(key, Kind.SUBSCRIPTIONS, self.mono)
+        if verdict is Verdict.PENALISED:
+            self._penalise(key)
+        return verdict is not Verdict.OK
+
+    def _charge(self, session: Session, request: Request, size: int) -> Reply | None:
+        """An error reply if ``request`` is over its principal's flood limits, else None."""
+        assert self.flood is not None
+        kind = type(request)
+        if kind is Say or kind is Dm:
+            verdict, wait = self.flood.charge(session.principal, Kind.MESSAGES, self.mono)
+            if verdict is Verdict.OK:
+                verdict, wait = self.flood.charge(session.principal, Kind.BYTES, self.mono, size)
+        elif kind is Join:
+            verdict, wait = self.flood.charge(session.principal, Kind.SUBSCRIPTIONS, self.mono)
+        elif kind is History:
+            verdict, wait = self.flood.charge(session.principal, Kind.HISTORY, self.mono)
+        else:
+            return None
+        if verdict is Verdict.OK:
+            return None
+        if verdict is Verdict.PENALISED:
+            self._penalise(session.principal)
+            reason = f"flooding: disconnected for {wait:.0f} s"
+        else:
+            reason = f"too fast: wait {wait:.2f} s"
+        return ErrorReply(request.rid, ErrorCode.RATE_LIMITED, reason, _retry_after(wait))
+
+    def _penalise(self, principal: str) -> None:
+        """End every session of a principal that kept flooding (its hellos are refused meanwhile)."""
+        for session in [s for s in self.sessions.values() if s.principal == principal]:
+            log.warning("session %s (%s) disconnected for flooding", session.nick, session.peer.hex(),
+                        extra=_fields("flooding", session))
+            self._publish(session.topic, self._event(EventKind.GOAWAY, None, "", "disconnected for flooding"))
+            self._end_session(session, "flooding")
+
+    def set_rate_limits(self, limits: RateLimits | None) -> None:
+        """Change flood control while running (a reload); None turns it off."""
+        if limits is None:
+            self.flood = None
+        elif self.flood is None:
+            self.flood = FloodControl(limits)
+        else:
+            self.flood.limits = limits
 
     def handle_xpub_junk(self) -> None:
         """A non-subscription message (from an XSUB) was read from the XPUB socket.
@@ -337,12 +447,14 @@ class BrokerCore:
             log.info("session %s (%s) timed out", session.nick, session.peer.hex(), extra=_fields("timeout", session))
             self._end_session(session, "timed out")
         self.stats.sessions_expired += len(expired)
+        if self.flood is not None:
+            self.flood.sweep(self.mono)
         return len(expired)
 
     @property
     def staged(self) -> int:
-        """How many replies wait for the next :meth:`commit`."""
-        return len(self._pending)
+        """How many replies (or room and nick records) wait for the next :meth:`commit`."""
+        return len(self._pending) + self._dirty
 
     def commit(self) -> bool:
         """Commit the turn's messages in one store transaction; False if the store refused.
@@ -351,7 +463,7 @@ class BrokerCore:
         ``unavailable`` error, their publications are dropped and their sequence numbers
         are handed out again.
         """
-        if not self._pending:
+        if not self._pending and not self._dirty:
             return True
         try:
             self.stats.stored += self.store.commit()
@@ -365,6 +477,7 @@ class BrokerCore:
             self._staged_cmids.clear()
         self.stats.commits += 1
         self._pending.clear()
+        self._dirty = False
         return True
 
     def tick(self) -> None:
@@ -380,10 +493,11 @@ class BrokerCore:
                 # short-lived channels does not grow memory. The store answers next time.
                 self._seqs.pop(channel, None)
                 continue
-            topic, room = self._channel_topic(channel)
-            if topic is not None:
-                seq = self._seqs[channel]
-                self._publish(topic, Event(EventKind.TICK, room, "", "", self.now, self._next_id(), seq=seq))
+            topics, room = self._channel_topics(channel)
+            if topics:
+                event = Event(EventKind.TICK, room, "", "", self.now, self._next_id(), seq=self._seqs[channel])
+                for topic in topics:
+                    self._publish(topic, event)
 
     def prune(self, max_per_channel: int, max_age: float | None, budget: int = 1000) -> int:
         """Delete stored messages beyond the retention limits: up to ``budget``, or as many
@@ -424,12 +538,11 @@ class BrokerCore:
         self._active[channel] = self.mono
         return seq + 1
 
-    def _channel_topic(self, channel: str) -> tuple[bytes | None, str | None]:
+    def _channel_topics(self, channel: str) -> tuple[list[bytes], str | None]:
         if channel.startswith("r:"):
             room = self.rooms.get(channel[2:])
-            return (room.topic, room.name) if room is not None else (None, None)
-        session = self.clients.get(channel[2:])
-        return (session.topic, None) if session is not None else (None, None)
+            return ([room.topic], room.name) if room is not None else ([], None)
+        return [s.topic for s in self.inboxes.get(channel, ())], None
 
     def _queue_reply(self, peer: bytes, reply: Reply) -> None:
         if type(reply) is ErrorReply:
@@ -491,9 +604,9 @@ class BrokerCore:
             self._pending.append(_Pending(session.peer, req.rid, len(self._replies), [], None))
         return sent
 
-    def _without_session(self, peer: bytes, request: Request) -> Reply:
+    def _without_session(self, peer: bytes, request: Request, key: str | None) -> Reply:
         if type(request) is Hello:
-            return self._hello(peer, request)
+            return self._hello(peer, request, key)
         if type(request) is Bye:
             return Goodbye(request.rid)  # already gone: bye is idempotent
         if type(request) is StatsRequest:
@@ -504,15 +617,17 @@ class BrokerCore:
         for room in list(session.rooms.values()):
             self._remove_member(room, session, reason)
         del self.sessions[session.peer]
-        del self.nicks[session.key]
+        _unlist(self.nicks, session.nkey, session)
+        _unlist(self.inboxes, session.inbox, session)
         del self.clients[session.client]
         del self.private_topics[session.topic]
 
-    def _remove_member(self, room: Room, session: Session, reason: str) -> None:
+    def _remove_member(self, room: Room, session: Session, reason: str, *, announce: bool = True) -> None:
         room.members.discard(session)
         del session.rooms[room.name]
         if room.members:
-            self._publish(room.topic, self._event(EventKind.LEAVE, room.name, session.nick, reason))
+            if announce:
+                self._publish(room.topic, self._event(EventKind.LEAVE, room.name, session.nick, reason))
         else:
             del self.rooms[room.name]
             del self.room_topics[room.topic]
@@ -530,15 +645,25 @@ class BrokerCore:
             resumed,
             self.max_page,
             self.store.epoch,
+            session.pubkey or "",
         )
 
     # -- request handlers ------------------------------------------------------------------
 
-    def _hello(self, peer: bytes, req: Hello) -> Reply:
+    def _hello(self, peer: bytes, req: Hello, key: str | None) -> Reply:
+        if self.secure and key is None:
+            return self._error(req.rid, ErrorCode.UNAUTHORIZED, "this broker needs CURVE: connect with a key")
         identity = req.client or secrets.token_urlsafe(24)
         chash = client_hash(identity)
+        principal = key if self.secure and key is not None else chash
+        if self.flood is not None:
+            wait = self.flood.penalty_left(principal, self.mono)
+            if wait > 0:
+                return ErrorReply(req.rid, ErrorCode.RATE_LIMITED, "disconnected for flooding", _retry_after(wait))
         session = self.clients.get(chash)
         if session is not None:
+            if session.pubkey != key:
+                return self._error(req.rid, ErrorCode.UNAUTHORIZED, "that session belongs to another key")
             # The same client on a new connection (its old one died): move the session over.
             del self.sessions[session.peer]
             log.info("session %s resumed (%s -> %s)", session.nick, session.peer.hex(), peer.hex(),
@@ -549,18 +674,43 @@ class BrokerCore:
             return self._welcome(req.rid, session, identity, resumed=True)
         if len(self.sessions) >= self.limits.max_sessions:
             return self._error(req.rid, ErrorCode.SERVER_FULL, "the broker holds all the sessions it may")
-        key = nick_key(req.nick)
-        if key in self.nicks:
-            return self._error(req.rid, ErrorCode.NICK_TAKEN, f"nick {req.nick!r} is taken")
+        inbox = "d:" + (chash if key is None or not self.secure else client_hash(key))
+        if len(self.inboxes.get(inbox, ())) >= self.limits.max_sessions_per_key:
+            limit = self.limits.max_sessions_per_key
+            return self._error(req.rid, ErrorCode.TOO_MANY_SESSIONS, f"a key may hold at most {limit} sessions")
+        nkey = nick_key(req.nick)
+        refused = self._claim_nick(req.rid, principal, req.nick, nkey)
+        if refused is not None:
+            return refused
         topic = new_private_topic()
-        session = Session(peer, req.nick, key, topic, chash, "d:" + chash, self.mono)
+        pubkey = key if self.secure else None
+        session = Session(peer, req.nick, nkey, topic, chash, inbox, self.mono, principal, pubkey)
         self.sessions[peer] = session
-        self.nicks[key] = session
+        self.nicks.setdefault(nkey, []).append(session)
+        self.inboxes.setdefault(inbox, []).append(session)
         self.clients[chash] = session
         self.private_topics[topic] = session
         self.stats.sessions_opened += 1
         log.info("session %s (%s) opened", req.nick, peer.hex(), extra=_fields("opened", session))
         return self._welcome(req.rid, session, identity, resumed=False)
+
+    def _claim_nick(self, rid: int, principal: str, nick: str, nkey: str) -> ErrorReply | None:
+        """Refuse ``nick`` if another principal uses it (or, in secure mode, owns it);
+        in secure mode a nick nobody owns yet becomes the principal's (persisted)."""
+        live = self.nicks.get(nkey)
+        if live and live[0].principal != principal:
+            return self._error(rid, ErrorCode.NICK_TAKEN, f"nick {nick!r} is taken")
+        if not self.secure:
+            return None
+        owner = self.store.nick_owner(nkey)
+        if owner is None:
+            if self.store.nicks_owned(principal) >= self.limits.max_nicks_per_key:
+                limit = self.limits.max_nicks_per_key
+                return self._error(rid, ErrorCode.TOO_MANY_NICKS, f"a key may own at most {limit} nicks")
+            self.store.register_nick(nkey, principal, nick, self.now)
+        elif owner != principal:
+            return self._error(rid, ErrorCode.NICK_TAKEN, f"nick {nick!r} is registered to another key")
+        return None
 
     def _hello_again(self, session: Session, req: Hello) -> Reply:
         return self._error(req.rid, ErrorCode.ALREADY_HELLO, f"this connection is already {session.nick!r}")
@@ -569,17 +719,34 @@ class BrokerCore:
         # The committed seq, not one staged this turn: if the turn's commit failed, a staged
         # seq would be handed out again and the joiner would take the new message for old.
         seq = self.store.last_seq(room.channel)
-        return Joined(rid, room.name, room.topic.decode(), self._member_nicks(room), seq)
+        acl = room.acl
+        subject = acl.subject if acl is not None else room.subject
+        return Joined(rid, room.name, room.topic.decode(), self._member_nicks(room), seq, acl is not None,
+                      subject, self._op_nicks(room))
 
     def _join(self, session: Session, req: Join) -> Reply:
         room = self.rooms.get(req.room)
+        acl = self.acls.get(req.room)
+        if acl is None and req.private and (room is not None or self.store.last_seq("r:" + req.room)):
+            return self._error(req.rid, ErrorCode.ROOM_EXISTS, f"{req.room!r} is a public room")
         if room is not None and session in room.members:
             return self._joined(req.rid, room)
+        if acl is not None:
+            if session.principal in acl.banned:
+                return self._error(req.rid, ErrorCode.BANNED, f"you are banned from {req.room!r}")
+            if session.principal not in acl.members:
+                return self._error(req.rid, ErrorCode.NOT_INVITED, f"{req.room!r} is private: ask an operator")
         if len(session.rooms) >= self.limits.max_rooms_per_session:
             limit = self.limits.max_rooms_per_session
             return self._error(req.rid, ErrorCode.TOO_MANY_ROOMS, f"a session may be in at most {limit} rooms")
+        if acl is None and req.private:
+            p = session.principal
+            acl = self.acls[req.room] = RoomAcl(req.room, p, self.now, {p}, {p}, set())
+            self._save_acl(acl)
+            log.info("private room %s created by %s", req.room, session.nick)
         if room is None:
-            room = Room(req.room, room_topic(req.room), "r:" + req.room)
+            topic = new_private_room_topic() if acl is not None else room_topic(req.room)
+            room = Room(req.room, topic, "r:" + req.room, acl=acl)
             self.rooms[room.name] = room
             self.room_topics[room.topic] = room
         room.members.add(session)
@@ -614,23 +781,26 @@ class BrokerCore:
         duplicate = self._duplicate(session, req)  # first: a resend is answered even if they left
         if duplicate is not None:
             return duplicate
-        target = self.nicks.get(nick_key(req.to))
-        if target is None:
+        targets = self.nicks.get(nick_key(req.to))
+        if not targets:
             return self._error(req.rid, ErrorCode.NO_SUCH_NICK, f"nobody is called {req.to!r}")
+        to = targets[0].nick
         msg_id, now = self._next_id(), self.now
         published: list[int] = []
         seq = 0
         # One stored copy per inbox: the recipient's and (unless the same) the sender's,
-        # which carries the cmid. Each copy is published on its owner's private topic.
-        for owner in (target, session) if target is not session else (target,):
-            seq = self._next_seq(owner.inbox)
-            mine = owner is session
+        # which carries the cmid. Each copy is published on the private topic of every
+        # session of the inbox's principal (one key may hold several sessions).
+        inboxes = (targets[0].inbox, session.inbox) if targets[0].inbox != session.inbox else (session.inbox,)
+        for inbox in inboxes:
+            seq = self._next_seq(inbox)
+            mine = inbox == session.inbox
             self.store.add(
-                StoredMessage(owner.inbox, seq, msg_id, now, EventKind.DM, None, session.nick, req.text,
-                              target.nick, session.client if mine else None, req.cmid if mine else None)
+                StoredMessage(inbox, seq, msg_id, now, EventKind.DM, None, session.nick, req.text,
+                              to, session.client if mine else None, req.cmid if mine else None)
             )
-            event = Event(EventKind.DM, None, session.nick, req.text, now, msg_id, to=target.nick, seq=seq)
-            published.append(self._publish(owner.topic, event))
+            event = Event(EventKind.DM, None, session.nick, req.text, now, msg_id, to=to, seq=seq)
+            published.extend(self._publish(owner.topic, event) for owner in self.inboxes[inbox])
         return self._stage(session, req.rid, published, req.cmid, Sent(req.rid, msg_id, now, seq))
 
     def _history(self, session: Session, req: History) -> Reply:
@@ -694,25 +864,30 @@ class BrokerCore:
 
     def _who(self, session: Session, req: Who) -> Reply:
         room = self.rooms.get(req.room)
-        if room is None:
+        if room is None or (room.acl is not None and session.principal not in room.acl.members):
             return self._error(req.rid, ErrorCode.NO_SUCH_ROOM, f"there is no room {req.room!r}")
-        return Members(req.rid, room.name, self._member_nicks(room))
+        return Members(req.rid, room.name, self._member_nicks(room), self._op_nicks(room))
 
     def _rooms(self, session: Session, req: Rooms) -> Reply:
-        infos = tuple(RoomInfo(name, len(self.rooms[name].members)) for name in sorted(self.rooms))
-        return RoomList(req.rid, infos)
+        infos = [RoomInfo(name, len(room.members)) for name, room in self.rooms.items() if room.acl is None]
+        for name, acl in self.acls.items():  # private rooms: only those the session may join
+            if session.principal in acl.members:
+                live = self.rooms.get(name)
+                infos.append(RoomInfo(name, len(live.members) if live is not None else 0, True))
+        return RoomList(req.rid, tuple(sorted(infos, key=lambda info: info.name)))
 
     def _nick(self, session: Session, req: Nick) -> Reply:
         key = nick_key(req.nick)
-        owner = self.nicks.get(key)
-        if owner is not None and owner is not session:
-            return self._error(req.rid, ErrorCode.NICK_TAKEN, f"nick {req.nick!r} is taken")
         old = session.nick
         if old == req.nick:
             return NickChanged(req.rid, old)
-        del self.nicks[session.key]
-        session.nick, session.key = req.nick, key
-        self.nicks[key] = session
+        if key != session.nkey:
+            refused = self._claim_nick(req.rid, session.principal, req.nick, key)
+            if refused is not None:
+                return refused
+        _unlist(self.nicks, session.nkey, session)
+        session.nick, session.nkey = req.nick, key
+        self.nicks.setdefault(key, []).append(session)
         for room in session.rooms.values():
             self._publish(room.topic, self._event(EventKind.NICK, room.name, old, nick=req.nick))
         log.info("session %s (%s) is now %s", old, session.peer.hex(), req.nick,
@@ -730,3 +905,129 @@ class BrokerCore:
     @staticmethod
     def _member_nicks(room: Room) -> tuple[str, ...]:
         return tuple(sorted((s.nick for s in room.members), key=nick_key))
+
+    @staticmethod
+    def _op_nicks(room: Room) -> tuple[str, ...]:
+        if room.acl is None:
+            return ()
+        ops = room.acl.ops
+        return tuple(sorted({s.nick for s in room.members if s.principal in ops}, key=nick_key))
+
+    # -- private rooms and moderation ------------------------------------------------------
+
+    def _save_acl(self, acl: RoomAcl) -> None:
+        self.store.save_room(acl)
+        self._dirty = True
+
+    def _moderate(self, session: Session, req: Moderate) -> Reply:
+        acl = self.acls.get(req.room)
+        if acl is None:
+            if req.room in self.rooms:
+                return self._error(req.rid, ErrorCode.NOT_PRIVATE, f"{req.room!r} is public: nobody moderates it")
+            return self._error(req.rid, ErrorCode.NO_SUCH_ROOM, f"there is no room {req.room!r}")
+        if session.principal not in acl.ops:
+            return self._error(req.rid, ErrorCode.NOT_OPERATOR, f"you are not an operator of {req.room!r}")
+        targets = self.nicks.get(nick_key(req.nick), [])
+        principal = targets[0].principal if targets else None
+        if principal is None and self.secure:
+            principal = self.store.nick_owner(nick_key(req.nick))  # the key owning an offline nick
+        if principal is None:
+            return self._error(req.rid, ErrorCode.NO_SUCH_NICK, f"nobody is called {req.nick!r}")
+        nick = targets[0].nick if targets else req.nick
+        kind = req.kind
+        if kind is RequestKind.INVITE:
+            if principal in acl.banned:
+                return self._error(req.rid, ErrorCode.BANNED, f"{nick!r} is banned from {req.room!r}: unban first")
+            acl.members.add(principal)
+        elif kind is RequestKind.KICK or kind is RequestKind.BAN:
+            acl.members.discard(principal)
+            acl.ops.discard(principal)
+            if kind is RequestKind.BAN:
+                acl.banned.add(principal)
+        elif kind is RequestKind.UNBAN:
+            acl.banned.discard(principal)
+        elif kind is RequestKind.OP:
+            if principal not in acl.members:
+                return self._error(req.rid, ErrorCode.NOT_MEMBER, f"{nick!r} is not a member of {req.room!r}")
+            acl.ops.add(principal)
+        else:
+            acl.ops.discard(principal)
+        self._save_acl(acl)
+        event = self._event(EventKind(kind.value), req.room, session.nick, req.reason, nick=nick)
+        room = self.rooms.get(req.room)
+        if kind is RequestKind.KICK or kind is RequestKind.BAN:
+            self._expel(req.room, principal, event)
+        else:
+            if room is not None:
+                self._publish(room.topic, event)
+            if kind is RequestKind.INVITE:
+                for target in targets:
+                    self._publish(target.topic, event)
+        log.info("%s %s %s in %s", session.nick, kind.value, nick, req.room,
+                 extra={**_fields("moderation", session), "room": req.room, "target": nick})
+        return Moderated(req.rid, req.room, kind.value, nick)
+
+    def _expel(self, name: str, principal: str, event: Event | None) -> None:
+        """Remove every session of ``principal`` from private room ``name`` and rotate its topic.
+
+        ``event`` (a kick or ban) goes to the private topic of each session in the room and
+        of each session of the principal, so everyone gets it whichever topic it listens to.
+        """
+        room = self.rooms.get(name)
+        present = list(room.members) if room is not None else []
+        if event is not None:
+            told = {s.topic for s in present}
+            told.update(s.topic for s in self.sessions.values() if s.principal == principal)
+            for topic in told:
+                self._publish(topic, event)
+        if room is None:
+            return
+        for member in present:
+            if member.principal == principal:
+                self._remove_member(room, member, "removed", announce=False)
+        if room.members:
+            self._rotate(room)
+
+    def _rotate(self, room: Room) -> None:
+        """Move a private room to a fresh topic and tell each remaining member on its own.
+
+        Whoever held the old topic (a pipe keeps a granted subscription) gets nothing more.
+        """
+        del self.room_topics[room.topic]
+        room.topic = new_private_room_topic()
+        self.room_topics[room.topic] = room
+        seq = self._seqs.get(room.channel)
+        if seq is None:
+            seq = self.store.last_seq(room.channel)
+        rekey = self._event(EventKind.REKEY, room.name, "", room.topic.decode(), seq=seq)
+        for member in room.members:
+            self._publish(member.topic, rekey)
+
+    def _set_topic(self, session: Session, req: SetTopic) -> Reply:
+        room = session.rooms.get(req.room)
+        if room is None:
+            return self._error(req.rid, ErrorCode.NOT_MEMBER, f"join {req.room!r} to set its topic")
+        if room.acl is not None:
+            if session.principal not in room.acl.ops:
+                return self._error(req.rid, ErrorCode.NOT_OPERATOR, f"you are not an operator of {req.room!r}")
+            room.acl.subject = req.text
+            self._save_acl(room.acl)
+        else:
+            room.subject = req.text
+        self._publish(room.topic, self._event(EventKind.TOPIC, room.name, session.nick, req.text))
+        return Moderated(req.rid, room.name, RequestKind.TOPIC.value, "")
+
+    def keys_revoked(self, allowed: set[str]) -> int:
+        """End the sessions of keys no longer in ``allowed`` (the authorized-keys directory
+        changed), rotating the private rooms they were in; return how many ended."""
+        gone = [s for s in self.sessions.values() if s.pubkey is not None and s.pubkey not in allowed]
+        for session in gone:
+            log.warning("session %s (%s) ended: its key was revoked", session.nick, session.peer.hex(),
+                        extra=_fields("revoked", session))
+            for room in list(session.rooms.values()):
+                if room.acl is not None:
+                    self._expel(room.name, session.principal, None)
+            if session.peer in self.sessions:
+                self._publish(session.topic, self._event(EventKind.GOAWAY, None, "", "your key was revoked"))
+                self._end_session(session, "key revoked")
+        return len(gone)

@@ -10,18 +10,26 @@ A *channel* is what a sequence number counts in: ``r:<room>`` for a room, ``d:<c
 for one client's DM inbox. Messages are staged with :meth:`Store.add` during a loop turn and
 written together by :meth:`Store.commit` (group commit); nothing staged is visible to
 :meth:`Store.page` or :meth:`Store.find_cmid` before it is committed.
+
+The store also keeps what must outlive the process besides messages: which principal (a
+CURVE key) owns which nick (:meth:`Store.register_nick`), and the access lists of private
+rooms (:meth:`Store.save_room`). Those are staged the same way and go into the same
+transaction as the turn's messages; unlike messages, a failed commit keeps them staged for
+the next one, and reads see them staged already.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 import secrets
 import sqlite3
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import NamedTuple, Protocol
@@ -30,7 +38,8 @@ log = logging.getLogger("zchat.broker.store")
 
 
 class StoreError(Exception):
-    """The store could not commit (disk full, I/O error, database locked).
+    """The store could not commit (disk full, I/O error, database locked), or found a row
+    it cannot read.
 
     The staged batch is rolled back; the error is retryable from the client's side.
     """
@@ -64,6 +73,42 @@ class StoredMessage(NamedTuple):
     cmid: str | None = None  # the sender's client message id
 
 
+@dataclass(slots=True)
+class RoomAcl:
+    """A private room's access list, persisted so the room outlives its last member.
+
+    Principals are CURVE keys (Z85) in secure mode, client-identity hashes otherwise.
+    """
+
+    name: str
+    creator: str  # the principal that created the room
+    created: float  # when, seconds since the epoch
+    members: set[str]  # principals invited (the creator included)
+    ops: set[str]  # principals that are operators
+    banned: set[str]  # principals that may not join
+    subject: str = ""
+
+    def copy(self) -> RoomAcl:
+        """A copy whose sets are its own (stores keep snapshots, not the caller's object)."""
+        return RoomAcl(
+            self.name, self.creator, self.created, set(self.members), set(self.ops), set(self.banned), self.subject
+        )
+
+
+class _NickRow(NamedTuple):
+    owner: str
+    nick: str
+    ts: float
+
+
+def _owned(committed: Iterable[str], staged: dict[str, _NickRow], owner: str) -> int:
+    """How many nick keys ``owner`` holds: the ``committed`` ones it owns, as changed by the
+    ``staged`` registrations."""
+    keys = {nkey for nkey in committed if nkey not in staged}
+    keys.update(nkey for nkey, row in staged.items() if row.owner == owner)
+    return len(keys)
+
+
 class Store(Protocol):
     """What the broker core needs from a message store."""
 
@@ -87,10 +132,13 @@ class Store(Protocol):
         ...
 
     def commit(self) -> int:
-        """Write every staged message in one transaction; return how many.
+        """Write every staged message, nick registration and room save in one transaction;
+        return how many messages.
 
         Raises:
-            StoreError: nothing staged was written; the stage is empty again.
+            StoreError: nothing staged was written; the staged messages are dropped (the
+                core sequences them again), nick registrations and room saves stay staged
+                for the next commit.
         """
         ...
 
@@ -110,6 +158,29 @@ class Store(Protocol):
         """Delete up to ``budget`` messages beyond the retention limits; return how many."""
         ...
 
+    def nick_owner(self, nkey: str) -> str | None:
+        """The principal owning the nick whose :func:`~zchat.common.names.nick_key` is
+        ``nkey`` (registered, staged included), or None."""
+        ...
+
+    def nicks_owned(self, owner: str) -> int:
+        """How many nick keys ``owner`` owns (staged registrations included)."""
+        ...
+
+    def register_nick(self, nkey: str, owner: str, nick: str, ts: float) -> None:
+        """Stage: ``owner`` owns ``nkey`` (``nick`` as typed, since ``ts``); it replaces any
+        earlier owner (the core checks first). Written by the next successful commit."""
+        ...
+
+    def private_rooms(self) -> dict[str, RoomAcl]:
+        """Every private room's access list by name (staged saves included), as copies."""
+        ...
+
+    def save_room(self, acl: RoomAcl) -> None:
+        """Stage a snapshot of ``acl`` (replacing the room's earlier one). Written by the
+        next successful commit."""
+        ...
+
     def close(self) -> None:
         """Release the store (after a final commit)."""
         ...
@@ -125,6 +196,11 @@ class MemoryStore:
         self._cmids: dict[tuple[str, str], StoredMessage] = {}
         self._staged: list[StoredMessage] = []
         self._last_id = 0
+        self._nicks: dict[str, _NickRow] = {}
+        self._owned: dict[str, set[str]] = {}  # owner -> its committed nick keys
+        self._rooms: dict[str, RoomAcl] = {}
+        self._staged_nicks: dict[str, _NickRow] = {}
+        self._staged_rooms: dict[str, RoomAcl] = {}
         #: Tests set this to make commits fail, as a full disk would.
         self.fail_commits = False
 
@@ -139,8 +215,19 @@ class MemoryStore:
 
     def commit(self) -> int:
         staged, self._staged = self._staged, []
-        if self.fail_commits and staged:
+        if self.fail_commits and (staged or self._staged_nicks or self._staged_rooms):
             raise StoreError("commits are failing (simulated)")
+        for nkey, row in self._staged_nicks.items():
+            old = self._nicks.get(nkey)
+            if old is not None:
+                self._owned[old.owner].discard(nkey)
+                if not self._owned[old.owner]:
+                    del self._owned[old.owner]
+            self._nicks[nkey] = row
+            self._owned.setdefault(row.owner, set()).add(nkey)
+        self._staged_nicks.clear()
+        self._rooms.update(self._staged_rooms)
+        self._staged_rooms.clear()
         for m in staged:
             self._channels.setdefault(m.channel, deque()).append(m)
             self._last_seq[m.channel] = max(self._last_seq.get(m.channel, 0), m.seq)
@@ -180,8 +267,26 @@ class MemoryStore:
                 removed += 1
         return removed
 
+    def nick_owner(self, nkey: str) -> str | None:
+        row = self._staged_nicks.get(nkey) or self._nicks.get(nkey)
+        return row.owner if row is not None else None
+
+    def nicks_owned(self, owner: str) -> int:
+        return _owned(self._owned.get(owner, ()), self._staged_nicks, owner)
+
+    def register_nick(self, nkey: str, owner: str, nick: str, ts: float) -> None:
+        self._staged_nicks[nkey] = _NickRow(owner, nick, ts)
+
+    def private_rooms(self) -> dict[str, RoomAcl]:
+        return {name: acl.copy() for name, acl in (self._rooms | self._staged_rooms).items()}
+
+    def save_room(self, acl: RoomAcl) -> None:
+        self._staged_rooms[acl.name] = acl.copy()
+
     def close(self) -> None:
         self._staged.clear()
+        self._staged_nicks.clear()
+        self._staged_rooms.clear()
 
 
 _SCHEMA = """
@@ -209,9 +314,50 @@ CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value INTEGER NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS nicks (
+    nkey  TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    nick  TEXT NOT NULL,
+    ts    REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS nicks_by_owner ON nicks (owner);
+CREATE TABLE IF NOT EXISTS private_rooms (
+    name    TEXT PRIMARY KEY,
+    creator TEXT NOT NULL,
+    created REAL NOT NULL,
+    members TEXT NOT NULL,
+    ops     TEXT NOT NULL,
+    banned  TEXT NOT NULL,
+    subject TEXT NOT NULL
+) WITHOUT ROWID;
 """
-SCHEMA_VERSION = 1
+#: 2 added the nicks and private_rooms tables (created in a database of version 1 when it
+#: is opened: nothing else changed).
+SCHEMA_VERSION = 2
 _COLUMNS = "channel, seq, id, ts, kind, room, sender, text, recipient, client, cmid"
+_ROOM_COLUMNS = "name, creator, created, members, ops, banned, subject"
+
+
+def _room_row(acl: RoomAcl) -> tuple[str, str, float, str, str, str, str]:
+    """``acl`` as a row of ``private_rooms``: its sets as sorted JSON arrays of strings."""
+    members, ops, banned = (json.dumps(sorted(names)) for names in (acl.members, acl.ops, acl.banned))
+    return acl.name, acl.creator, acl.created, members, ops, banned, acl.subject
+
+
+def _room_from_row(row: tuple[str, str, float, str, str, str, str]) -> RoomAcl:
+    name, creator, created, *sets, subject = row
+
+    def names(text: str) -> set[str]:
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = None
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            raise StoreError(f"private room {name!r}: not a JSON array of strings: {text[:80]!r}")
+        return set(value)
+
+    members, ops, banned = (names(text) for text in sets)
+    return RoomAcl(name, creator, float(created), members, ops, banned, subject)
 
 
 class SqliteStore:
@@ -245,11 +391,14 @@ class SqliteStore:
         self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="zchat-checkpoint", daemon=True)
         self._db.executescript(_SCHEMA)
         self._db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)", (SCHEMA_VERSION,))
+        self._db.execute("UPDATE meta SET value = MAX(value, ?) WHERE key = 'schema'", (SCHEMA_VERSION,))
         self._db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('last_id', 0)")
         self._db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('epoch', ?)", (secrets.randbits(62),))
         if max_pages is not None:
             self.set_max_pages(max_pages)
         self._staged: list[StoredMessage] = []
+        self._staged_nicks: dict[str, _NickRow] = {}
+        self._staged_rooms: dict[str, RoomAcl] = {}
         self._last_id = self._meta("last_id")
         self.epoch = self._meta("epoch")
         self._last_seq: dict[str, int] = {}
@@ -297,12 +446,12 @@ class SqliteStore:
 
     def commit(self) -> int:
         staged, self._staged = self._staged, []
-        if not staged:
+        if not (staged or self._staged_nicks or self._staged_rooms):
             return 0
         last: dict[str, int] = {}
         for m in staged:
             last[m.channel] = m.seq
-        top_id = staged[-1].id  # ids are handed out in increasing order
+        top_id = staged[-1].id if staged else 0  # ids are handed out in increasing order
         db = self._db
         try:
             db.execute("BEGIN")
@@ -313,11 +462,21 @@ class SqliteStore:
                 last.items(),
             )
             db.execute("UPDATE meta SET value = MAX(value, ?) WHERE key = 'last_id'", (top_id,))
+            db.executemany(
+                "INSERT OR REPLACE INTO nicks (nkey, owner, nick, ts) VALUES (?, ?, ?, ?)",
+                [(nkey, *row) for nkey, row in self._staged_nicks.items()],
+            )
+            db.executemany(
+                f"INSERT OR REPLACE INTO private_rooms ({_ROOM_COLUMNS}) VALUES (?,?,?,?,?,?,?)",
+                map(_room_row, self._staged_rooms.values()),
+            )
             db.execute("COMMIT")
         except sqlite3.Error as exc:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise StoreError(str(exc)) from exc
+        self._staged_nicks.clear()
+        self._staged_rooms.clear()
         for channel, seq in last.items():
             self._last_seq[channel] = max(self._last_seq.get(channel, 0), seq)
         self._touched.update(last)
@@ -372,8 +531,33 @@ class SqliteStore:
             log.warning("retention pass failed, will retry: %s", exc)
         return removed
 
+    def nick_owner(self, nkey: str) -> str | None:
+        staged = self._staged_nicks.get(nkey)
+        if staged is not None:
+            return staged.owner
+        row = self._db.execute("SELECT owner FROM nicks WHERE nkey = ?", (nkey,)).fetchone()
+        return str(row[0]) if row else None
+
+    def nicks_owned(self, owner: str) -> int:
+        committed = [row[0] for row in self._db.execute("SELECT nkey FROM nicks WHERE owner = ?", (owner,))]
+        return _owned(committed, self._staged_nicks, owner)
+
+    def register_nick(self, nkey: str, owner: str, nick: str, ts: float) -> None:
+        self._staged_nicks[nkey] = _NickRow(owner, nick, ts)
+
+    def private_rooms(self) -> dict[str, RoomAcl]:
+        rows = self._db.execute(f"SELECT {_ROOM_COLUMNS} FROM private_rooms")
+        rooms = {acl.name: acl for acl in map(_room_from_row, rows)}
+        rooms.update((name, acl.copy()) for name, acl in self._staged_rooms.items())
+        return rooms
+
+    def save_room(self, acl: RoomAcl) -> None:
+        self._staged_rooms[acl.name] = acl.copy()
+
     def close(self) -> None:
         self._staged.clear()
+        self._staged_nicks.clear()
+        self._staged_rooms.clear()
         self._stop_checkpoints.set()
         self._checkpointer.join()
         try:
