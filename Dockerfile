@@ -4,7 +4,9 @@
 #   docker build --target client -t zchat-client .     (zchat-common + zchat-client: CLI and bots)
 FROM python:3.11-slim AS base
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-RUN useradd --create-home --uid 10001 zchat
+# /keys: where docker-compose.secure.yml's named volume of CURVE keys is mounted; a new volume
+# takes this directory's owner and mode, so zchat-keygen (running as zchat) can write there.
+RUN useradd --create-home --uid 10001 zchat && install -d -o zchat -g zchat -m 0700 /keys
 WORKDIR /src
 COPY common/ common/
 

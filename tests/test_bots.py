@@ -253,6 +253,40 @@ def test_the_outbox_waits_out_retry_after_and_gives_up_on_other_errors() -> None
     assert (stats.retries, stats.sent, stats.failed, attempts) == (2, 2, 1, 5)
 
 
+def test_the_outbox_waits_out_rate_limited_and_does_not_burst_after_it() -> None:
+    """Refused for flooding once: the message is resent after retry_after, and the messages
+    queued behind it go at the bucket's rate, not in a burst (the burst is spent)."""
+
+    async def scenario() -> tuple[BotStats, list[float]]:
+        loop = asyncio.get_running_loop()
+        times: list[float] = []
+        refused = False
+
+        async def send(item: Outgoing) -> Sent:
+            nonlocal refused
+            if not refused:
+                refused = True
+                raise RequestError(ErrorCode.RATE_LIMITED, "slow down", retry_after=0.05)
+            times.append(loop.time())
+            return Sent(0, len(times), 0.0)
+
+        stats = BotStats()
+        outbox = Outbox(send, stats, rate=20, burst=10, give_up_after=5)
+        runner = asyncio.create_task(outbox.run())
+        await asyncio.gather(*(outbox.put("r", None, f"m{i}") for i in range(4)))
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+        return stats, times
+
+    stats, times = asyncio.run(scenario())
+    assert (stats.rate_limited, stats.retries, stats.sent) == (1, 1, 4)
+    # The wait refilled one token; the other two go 1/20 s apart, not in a burst.
+    assert times[-1] - times[0] >= 0.09, times
+    bucket = TokenBucket(2, 5, now=0.0)
+    bucket.drain(0.0)
+    assert bucket.reserve(0.0) == pytest.approx(0.5)  # the next token comes at the rate
+
+
 def test_an_outbox_stopped_mid_send_fails_what_it_had_not_sent() -> None:
     async def scenario() -> list[BaseException | Sent]:
         started = asyncio.Event()
@@ -319,6 +353,32 @@ def test_greeter_greets_each_joiner_with_the_configured_text(
     seen = expect(alice, said("greeter", "hi bob, this is #lobby"))
     assert [e.text for e in seen if e.sender == "greeter"] == ["hi bob, this is #lobby"]
     reply_of(bob, "greeter", "hi bob, this is #lobby")
+
+
+def test_a_bot_accepts_an_invitation_and_forgets_a_room_it_is_kicked_from(
+    run_bot: Callable[[Bot], Bot], client_factory: MakeClient
+) -> None:
+    bot = Bot("dicebot")
+
+    @bot.on_event(EventKind.INVITE)
+    async def accept(ctx: Context) -> None:  # as in BOTS.md
+        if ctx.event.nick == ctx.bot.current_nick and ctx.room not in ctx.bot.rooms:
+            assert ctx.room is not None
+            await ctx.bot.join(ctx.room)
+
+    @bot.command()
+    def ping(ctx: Context) -> str:
+        return "pong"
+
+    run_bot(bot)
+    alice = client_factory("alice")
+    alice.join("den", private=True)
+    alice.invite("den", "dicebot")
+    in_room(alice, "den", "dicebot")
+    assert ask(alice, "den", "!ping", "dicebot") == "pong"
+    alice.kick("den", "dicebot", "enough dice")
+    wait_until(lambda: bot.rooms == [], timeout=WAIT)
+    assert bot.client is not None and bot.client.joined == []
 
 
 def test_greeter_rejects_unknown_placeholders() -> None:

@@ -25,7 +25,9 @@ import pytest
 from zchat.broker import __version__ as broker_version
 from zchat.client import Client, EventKind
 from zchat.client import __version__ as client_version
-from zchat.common.protocol import Event
+from zchat.client.cli import describe_joined, parse_join, parse_moderation
+from zchat.client.render import format_event, format_members, format_rooms
+from zchat.common.protocol import Event, Joined, RoomInfo
 
 if TYPE_CHECKING:
     from tests.conftest import BrokerProcess, RunningBroker
@@ -207,7 +209,8 @@ def test_json_mode_prints_one_object_per_event(broker: RunningBroker, client_fac
 
         proc.stdin.write("/who\n")
         proc.stdin.flush()
-        assert out.next("members") == {"kind": "members", "room": "general", "members": ["carol", "robert"]}
+        members = {"kind": "members", "room": "general", "members": ["carol", "robert"], "ops": []}
+        assert out.next("members") == members
         proc.stdin.write("from carol\n")
         proc.stdin.close()  # end of input: the client says bye once its lines are acknowledged
         assert proc.wait(WAIT) == 0, proc.stderr.read()
@@ -219,6 +222,119 @@ def test_json_mode_prints_one_object_per_event(broker: RunningBroker, client_fac
         proc.wait(WAIT)
         for stream in (proc.stdin, proc.stdout, proc.stderr):
             stream.close()
+
+
+# -- private rooms and moderation -------------------------------------------------------------
+
+
+def test_json_mode_runs_a_private_room(broker: RunningBroker, client_factory: Callable[..., Client]) -> None:
+    bob = client_factory("bob")
+    proc = subprocess.Popen(
+        [*CLIENT, *endpoints(broker), "--nick", "carol", "--room", "general", "--json"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=clean_env(),
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+
+    def send(line: str) -> None:
+        assert proc.stdin is not None
+        proc.stdin.write(line + "\n")
+        proc.stdin.flush()
+
+    try:
+        out = JsonLines(proc.stdout)
+        out.next("joined")  # #general
+        send("/create den")
+        assert out.next("joined") == {
+            "kind": "joined", "room": "den", "members": ["carol"], "private": True, "subject": "", "ops": ["carol"],
+        }  # fmt: skip
+        send("/invite bob")
+        assert out.next("moderated") == {"kind": "moderated", "room": "den", "action": "invite", "nick": "bob"}
+        events_until(bob, lambda e: e.kind is EventKind.INVITE)
+        bob.join("den")
+        send("/topic plans")
+        topic = out.next("topic")
+        assert (topic["room"], topic["sender"], topic["text"]) == ("den", "carol", "plans")
+        send("/who")
+        assert out.next("members")["ops"] == ["carol"]
+        send("/kick bob spam")
+        kick = out.next("kick")
+        assert (kick["room"], kick["sender"], kick["nick"], kick["text"]) == ("den", "carol", "bob", "spam")
+        send("/kick")
+        assert out.next("error") == {"kind": "error", "code": "usage", "reason": "usage: /kick NICK [REASON]"}
+        send("still private")
+        proc.stdin.close()
+        assert proc.wait(WAIT) == 1  # the usage error
+        events = events_until(bob, lambda e: e.kind is EventKind.KICK)
+        assert [e.kind for e in events] == [EventKind.TOPIC, EventKind.KICK]
+        assert "den" not in bob.joined
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(WAIT)
+
+
+def test_line_mode_shows_moderation_in_words(broker: RunningBroker, client_factory: Callable[..., Client]) -> None:
+    bob = client_factory("bob")
+    lines = ["/join -p den", "/invite bob", "/op bob", "/topic -delete", "/ban", "/quit"]
+    proc = subprocess.Popen(
+        [*CLIENT, *endpoints(broker), "--nick", "carol", "--room", "general"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env(),
+    )  # fmt: skip
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    try:
+        proc.stdin.write("\n".join(lines[:2]) + "\n")
+        proc.stdin.flush()
+        events_until(bob, lambda e: e.kind is EventKind.INVITE)
+        bob.join("den")
+        proc.stdin.write("\n".join(lines[2:]) + "\n")
+        proc.stdin.close()
+        assert proc.wait(WAIT) == 1
+        stdout, stderr = proc.stdout.read(), proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(WAIT)
+    assert "-- joined #den (private, 1 here: @carol)" in stderr
+    assert "#den * carol invited bob" in stdout
+    assert "#den * carol made bob an operator" in stdout
+    assert "#den * carol cleared the topic" in stdout
+    assert "usage: /ban NICK [REASON]" in stderr
+
+
+def test_command_parsing_and_wording() -> None:
+    assert parse_join("den") == ("den", False)
+    assert parse_join("-p #den") == ("#den", True)
+    assert parse_join("#den --private") == ("#den", True)
+    assert [parse_join(arg) for arg in ("", "-p", "a b", "-p a b")] == [None] * 4
+    assert parse_moderation("kick", "bob  being rude ") == ("bob", "being rude")
+    assert parse_moderation("invite", "bob #den") == ("bob", "#den")
+    assert parse_moderation("op", "bob") == ("bob", "")
+    bad = [("kick", ""), ("op", "bob carol"), ("unban", "bob now"), ("invite", "bob a b")]
+    assert [parse_moderation(name, arg) for name, arg in bad] == [None] * 4
+    assert describe_joined(Joined(1, "den", "q/x/", ("bob", "carol"), 3, True, "plans", ("carol",))) == (
+        "joined #den (private, 2 here: bob, @carol); topic: plans"
+    )
+    assert format_members("den", ["bob", "Carol"], ["carol"]) == "-- #den: 2 here: bob, @Carol"
+    rooms = [RoomInfo("den", 2, True), RoomInfo("general", 5)]
+    assert format_rooms(rooms) == "-- rooms: #den (2, private), #general (5)"
+
+    def said(kind: EventKind, text: str = "", nick: str | None = "bob", me: str = "carol") -> str:
+        event = Event(kind, "den", "alice", text, 0.0, 1, nick=nick)
+        return format_event(event, me).split(" ", 1)[1]
+
+    assert said(EventKind.KICK, "spam") == "#den * alice kicked bob (spam)"
+    assert said(EventKind.BAN) == "#den * alice banned bob"
+    assert said(EventKind.UNBAN) == "#den * alice unbanned bob"
+    assert said(EventKind.INVITE) == "#den * alice invited bob"
+    assert said(EventKind.INVITE, me="bob") == "#den * alice invites you to #den (/join den)"
+    assert said(EventKind.OP) == "#den * alice made bob an operator"
+    assert said(EventKind.DEOP) == "#den * alice took operator status from bob"
+    assert said(EventKind.TOPIC, "plans", None) == "#den * alice set the topic: plans"
+    assert said(EventKind.TOPIC, "", None) == "#den * alice cleared the topic"
 
 
 # -- start-up failures -------------------------------------------------------------------------

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from zchat.broker.core import BrokerCore, Subscription
-from zchat.client.core import ClientCore, Outgoing, raise_for_error
+from zchat.client.core import ClientCore, Outgoing, Rekey, raise_for_error
 from zchat.common.codec import decode_request, encode, encode_map
-from zchat.common.codes import ErrorCode, EventKind
+from zchat.common.codes import ErrorCode, EventKind, RequestKind
 from zchat.common.errors import ProtocolError, RequestError
 from zchat.common.protocol import (
     Bye,
@@ -16,16 +18,19 @@ from zchat.common.protocol import (
     Event,
     Goodbye,
     Hello,
+    HistoryPage,
     Join,
     Joined,
     Leave,
     Left,
     Members,
+    Moderate,
     NickChanged,
     Pong,
     Reply,
     Say,
     Sent,
+    SetTopic,
     Welcome,
 )
 from zchat.common.topics import split_sync
@@ -259,3 +264,130 @@ def test_client_core_against_broker_core() -> None:
     assert ann.rooms == {}
     call(ann, b"a", ann.request(Bye))
     assert ann.topic is None
+
+
+# -- private rooms and moderation ---------------------------------------------------------
+
+OLD = "q/" + "a" * 32 + "/"
+NEW = "q/" + "b" * 32 + "/"
+
+
+_IDS = itertools.count(900)
+
+
+def moderation(kind: EventKind, nick: str, *, room: str = "den", sender: str = "op", text: str = "") -> Event:
+    return Event(kind, room, sender, text, 2.0, next(_IDS), nick=nick)
+
+
+def message(seq: int, room: str = "den") -> Event:
+    return Event(EventKind.MESSAGE, room, "bob", f"m{seq}", 1.0, 100 + seq, seq=seq)
+
+
+@pytest.fixture
+def den(session: ClientCore) -> ClientCore:
+    """ann in the private room #den (topic OLD), which has had 5 messages, all delivered."""
+    session.receive_reply(encode(Joined(2, "den", OLD, ("ann", "bob"), 5, True, "plans", ("ann",))))
+    session.open_feed("den", 5, 0)
+    return session
+
+
+def test_moderation_requests_carry_their_kind(core: ClientCore) -> None:
+    kick = core.request(Moderate, RequestKind.KICK, "den", "bob", "spam")
+    invite = core.request(Moderate, RequestKind.INVITE, "den", "carol")
+    topic = core.request(SetTopic, "den", "plans")
+    private = core.request(Join, "den", True)
+    assert [o.kind for o in (kick, invite, topic, private)] == ["kick", "invite", "topic", "join"]
+    assert [decode_request(o.frame) for o in (kick, invite, topic, private)] == [
+        Moderate(RequestKind.KICK, 1, "den", "bob", "spam"),
+        Moderate(RequestKind.INVITE, 2, "den", "carol"),
+        SetTopic(3, "den", "plans"),
+        Join(4, "den", True),
+    ]
+
+
+def test_joined_tells_which_rooms_are_private(den: ClientCore) -> None:
+    den.receive_reply(encode(Joined(3, "general", "r/general/", ("ann",))))
+    assert den.private == {"den"}
+    den.keep_private.add("den")
+    den.receive_reply(encode(Left(4, "den")))
+    assert (den.private, den.keep_private, set(den.rooms)) == (set(), set(), {"general"})
+
+
+def test_rekey_says_what_to_swap_and_the_feed_learns_the_old_topics_last_seq(den: ClientCore) -> None:
+    rekey = Event(EventKind.REKEY, "den", "", NEW, 2.0, 901, seq=7)
+    assert den.accept(rekey) == []  # not for the application
+    move = den.rekey(rekey)
+    assert move == Rekey("den", OLD.encode(), NEW.encode(), 7)
+    assert den.rooms["den"] == OLD.encode()  # until the new subscription is in force
+    assert den.feeds["den"].gap() == 5  # 6 and 7 went out on the old topic: fetch them
+    assert den.rekeyed(move)
+    assert den.rooms["den"] == NEW.encode()
+    assert den.rekey(rekey) is None  # done already
+
+
+def test_no_gap_and_no_repeat_across_a_rekey(den: ClientCore) -> None:
+    """6 arrives on the old topic, 7 is lost with it, 9 arrives live on the new topic before
+    the history fill (after 6) brings 7..9: each is delivered once, in order."""
+    assert [e.seq for e in den.accept(message(6))] == [6]
+    move = den.rekey(Event(EventKind.REKEY, "den", "", NEW, 2.0, 901, seq=7))
+    assert move is not None and den.rekeyed(move)
+    assert den.accept(message(9)) == []  # held: 7 and 8 are missing
+    page = HistoryPage(3, "den", tuple(message(seq) for seq in (7, 8, 9)), 9, False)
+    assert [e.seq for e in den.accept_history("den", 6, page)] == [7, 8, 9]
+    assert den.accept(message(9)) == [] and den.feeds["den"].gap() is None
+
+
+@pytest.mark.parametrize(
+    ("room", "text"),
+    [("elsewhere", NEW), ("den", OLD), ("den", "r/den/"), ("den", "p/" + "c" * 32 + "/")],
+    ids=["not joined", "same topic", "public topic", "private topic"],
+)
+def test_rekeys_that_ask_nothing_are_ignored(den: ClientCore, room: str, text: str) -> None:
+    assert den.rekey(Event(EventKind.REKEY, room, "", text, 2.0, 901, seq=7)) is None
+    assert den.rooms["den"] == OLD.encode()
+
+
+def test_a_move_finished_after_leaving_is_not_recorded(den: ClientCore) -> None:
+    move = den.rekey(Event(EventKind.REKEY, "den", "", NEW, 2.0, 901, seq=5))
+    assert move is not None
+    den.receive_reply(encode(Left(3, "den")))
+    assert not den.rekeyed(move) and "den" not in den.rooms
+
+
+@pytest.mark.parametrize("kind", [EventKind.KICK, EventKind.BAN])
+def test_being_kicked_or_banned_drops_the_room(den: ClientCore, kind: EventKind) -> None:
+    den.keep_private.add("den")
+    removal = moderation(kind, "ANN", text="spam")  # nicks compare as the broker does
+    assert den.accept(removal) == [removal]
+    assert ("den" in den.rooms, "den" in den.feeds, den.private, den.keep_private) == (False, False, set(), set())
+    assert den.accept(removal) == []  # its copy on the other topic
+    assert den.accept(message(6)) == []  # anything still in flight
+    assert den.rekey(Event(EventKind.REKEY, "den", "", NEW, 2.0, 901, seq=5)) is None
+
+
+def test_moderation_of_others_is_delivered_and_changes_nothing(den: ClientCore) -> None:
+    events = [
+        moderation(EventKind.KICK, "bob", text="spam"),
+        moderation(EventKind.BAN, "bob"),
+        moderation(EventKind.UNBAN, "bob"),
+        moderation(EventKind.INVITE, "carol"),
+        moderation(EventKind.OP, "carol"),
+        moderation(EventKind.DEOP, "carol"),
+        Event(EventKind.TOPIC, "den", "op", "new plans", 2.0, 902),
+    ]
+    assert [den.accept(e) for e in events] == [[e] for e in events]
+    assert den.rooms == {"den": OLD.encode()}
+
+
+def test_an_invitation_comes_before_the_room_is_joined(den: ClientCore) -> None:
+    mine = moderation(EventKind.INVITE, "ann", room="attic")
+    theirs = moderation(EventKind.INVITE, "carol", room="attic")
+    assert den.accept(mine) == [mine]
+    assert den.accept(theirs) == []  # a room we are not in
+    assert "attic" not in den.rooms
+
+
+def test_an_event_published_on_two_topics_is_delivered_once(den: ClientCore) -> None:
+    invite = moderation(EventKind.INVITE, "ann")  # a member invited again: room and private topic
+    assert den.accept(invite) == [invite]
+    assert den.accept(invite) == []

@@ -13,10 +13,14 @@ Three layers:
 * **The topology, run without Docker**: each service of the default profile is started as a
   local process with the compose file's environment, service names mapped to 127.0.0.1 and
   the published ports remapped to free ones; a client then chats and is greeted.
+* **The secure variant** (``docker-compose.secure.yml`` over the default file): merged as
+  Compose merges, its keygen, broker, bot and client agree on where the keys are, read only
+  variables their programs read, and run the same way with a temporary key directory.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 import os
@@ -41,7 +45,7 @@ from zchat.broker import tools
 from zchat.broker.config import OPTIONS as BROKER_OPTIONS
 from zchat.client import Client, EventKind
 from zchat.client.cli import OPTIONS as CLIENT_OPTIONS
-from zchat.common.config import ENV_CONFIG, Option
+from zchat.common.config import ENV_CONFIG, Option, parse_bool
 from zchat.common.protocol import Event
 
 REPO = Path(__file__).resolve().parent.parent
@@ -314,6 +318,8 @@ def env_names_read(command: list[str]) -> set[str]:
         botcli = importlib.import_module(require_script("zchat-bot").module)
         target = botcli.find_target(command[1])
         options += [*botcli.common_options(target.defaults), *target.options]
+    elif command[0] == "zchat-keygen":
+        return set()  # flags only
     else:
         raise AssertionError(f"unknown program {command[0]}")
     return {opt.env for opt in options} | {ENV_CONFIG}
@@ -529,10 +535,21 @@ class Topology:
     #: share one network namespace here, so each gets a port chosen now.
     ports: dict[int, int]
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    #: The services (docker-compose.yml's, or merged with an override file).
+    spec: dict[str, dict[str, Any]] = field(default_factory=services)
+    #: Paths inside the containers (volume mount points) -> local directories standing in.
+    mounts: dict[str, Path] = field(default_factory=dict)
+
+    def local_path(self, value: str) -> str:
+        """``value`` with a container mount point replaced by its local stand-in."""
+        for mount, local in self.mounts.items():
+            if value == mount or value.startswith(mount + "/"):
+                return str(local) + value[len(mount) :]
+        return value
 
     def env(self, service: dict[str, Any], *, bind_loopback: bool = True) -> dict[str, str]:
         """``service``'s environment for a local process (``bind_loopback``: no 0.0.0.0)."""
-        names = set(services())
+        names = set(self.spec)
         out = {k: v for k, v in os.environ.items() if not k.startswith("ZCHAT_")}
         for key, value in environment(service).items():
             if match := ENDPOINT.fullmatch(value):
@@ -547,12 +564,12 @@ class Topology:
             elif key == "ZCHAT_DATA_DIR":
                 out[key] = str(self.tmp / "data")
             else:
-                out[key] = value
+                out[key] = self.local_path(value)
         return out
 
     def start(self, name: str) -> subprocess.Popen[bytes]:
-        service = services()[name]
-        command = argv(service)
+        service = self.spec[name]
+        command = [self.local_path(word) for word in argv(service)]
         command[0] = str(SCRIPTS / command[0])
         with (self.tmp / f"{name}.log").open("wb") as log:
             proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env(service))
@@ -564,11 +581,11 @@ class Topology:
 
     def healthy(self, name: str) -> bool:
         """The image's HEALTHCHECK command, run with the service's environment as Docker would."""
-        healthcheck = last(instructions(build_target(services()[name])), "HEALTHCHECK")
+        healthcheck = last(instructions(build_target(self.spec[name])), "HEALTHCHECK")
         assert healthcheck is not None
         command = exec_form(healthcheck.partition("CMD ")[2].strip())
         command[0] = str(SCRIPTS / command[0])
-        env = self.env(services()[name], bind_loopback=False)  # as in the container: tcp://0.0.0.0:PORT
+        env = self.env(self.spec[name], bind_loopback=False)  # as in the container: tcp://0.0.0.0:PORT
         return subprocess.run(command, env=env, capture_output=True, timeout=WAIT, check=False).returncode == 0
 
     def stop(self, name: str, grace: float) -> int:
@@ -585,9 +602,10 @@ class Topology:
 
     def client(self, nick: str) -> Client:
         """A connected Client configured like the compose file's zchat-client service."""
-        name = next(n for n, svc in services().items() if argv(svc)[:1] == ["zchat-client"])
-        env = self.env(services()[name])
-        chat = Client(env["ZCHAT_ROUTER"], env["ZCHAT_PUB"], timeout=3)
+        name = next(n for n, svc in self.spec.items() if argv(svc)[:1] == ["zchat-client"])
+        env = self.env(self.spec[name])
+        chat = Client(env["ZCHAT_ROUTER"], env["ZCHAT_PUB"], timeout=3, server_key=env.get("ZCHAT_SERVER_KEY"),
+                      key=env.get("ZCHAT_KEY"))
         chat.connect(nick)
         return chat
 
@@ -703,3 +721,169 @@ def test_the_default_profile_greets_a_joining_client(topology: Topology) -> None
         if name != broker_name:
             assert topology.stop(name, seconds(profile[name].get("stop_grace_period", "10s"))) == 0
     assert topology.stop(broker_name, seconds(broker.get("stop_grace_period", "10s"))) == 0
+
+
+# -- docker-compose.secure.yml: the same services with CURVE -----------------------------------
+
+SECURE_FILE = REPO / "docker-compose.secure.yml"
+
+
+def secure_override() -> dict[str, Any]:
+    data = yaml.safe_load(SECURE_FILE.read_text(encoding="utf-8"))
+    assert isinstance(data, dict)
+    return data
+
+
+def _mount_target(mount: Any) -> str:
+    return str(mount["target"]) if isinstance(mount, dict) else str(mount).split(":")[1]
+
+
+def _depends(service: dict[str, Any]) -> dict[str, Any]:
+    depends = service.get("depends_on") or {}
+    if isinstance(depends, list):
+        return {target: {"condition": "service_started"} for target in depends}
+    return dict(depends)
+
+
+def merge_service(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """A service as ``docker compose -f base -f override`` sees it (the Compose specification's
+    merge rules for the keys these files use): environment and depends_on merge by key,
+    volumes by mount target, anything else is replaced."""
+    merged = {**base}
+    for key, value in override.items():
+        if key == "environment":
+            merged[key] = {**environment(base), **environment(override)}
+        elif key == "volumes":
+            mounts = {_mount_target(m): m for m in base.get("volumes", [])}
+            mounts.update({_mount_target(m): m for m in value})
+            merged[key] = list(mounts.values())
+        elif key == "depends_on":
+            merged[key] = {**_depends(base), **_depends(override)}
+        else:
+            merged[key] = value
+    return merged
+
+
+def secure_services() -> dict[str, dict[str, Any]]:
+    base, override = services(), secure_override()["services"]
+    return {name: merge_service(base.get(name, {}), override.get(name, {})) for name in {*base, *override}}
+
+
+def secure_volumes() -> dict[str, Any]:
+    return {**(compose().get("volumes") or {}), **(secure_override().get("volumes") or {})}
+
+
+def test_the_secure_override_follows_the_compose_specification() -> None:
+    data = secure_override()
+    assert not {key for key in data if key not in TOP_LEVEL_KEYS and not key.startswith("x-")}
+    every = secure_services()
+    declared = secure_volumes()
+    for name, service in data["services"].items():
+        assert re.fullmatch(r"[a-zA-Z0-9._-]+", name)
+        assert not {key for key in service if key not in SERVICE_KEYS and not key.startswith("x-")}
+        if name not in services():
+            assert build_target(service) in stages(), f"{name} is new here, so it must say how it is built"
+        if "restart" in service:
+            assert RESTART_POLICIES.fullmatch(service["restart"])
+    for name, service in every.items():
+        for target, how in _depends(service).items():
+            assert target in every and target != name
+            assert how["condition"] in DEPENDS_ON_CONDITIONS
+        for mount in service.get("volumes", []):
+            source = mount["source"] if isinstance(mount, dict) else str(mount).split(":")[0]
+            assert source.startswith(("/", ".", "~", "$")) or source in declared, f"{name}: undeclared {source}"
+
+
+@pytest.mark.parametrize("name", sorted(secure_services()))
+def test_each_secure_service_runs_an_installed_program_and_reads_what_it_is_given(name: str) -> None:
+    service = secure_services()[name]
+    command = argv(service)
+    module = importlib.import_module(require_script(command[0]).module)
+    if command[0] == "zchat-bot":
+        module.build_parser(module.find_target(command[1])).parse_args(command[1:])
+    else:
+        module.build_parser().parse_args(command[1:])
+    set_here = {key for key in environment(service) if key.startswith("ZCHAT_")}
+    unknown = set_here - env_names_read(command)
+    assert not unknown, f"{name} sets variables {command[0]} never reads: {unknown}"
+
+
+def _keygen() -> tuple[str, argparse.Namespace]:
+    found = [(name, svc) for name, svc in secure_services().items() if argv(svc)[:1] == ["zchat-keygen"]]
+    assert len(found) == 1, "one service makes the keys"
+    name, service = found[0]
+    keygen = importlib.import_module(require_script("zchat-keygen").module)
+    return name, keygen.build_parser().parse_args(argv(service)[1:])
+
+
+def test_the_secure_override_wires_the_keys_together() -> None:
+    every = secure_services()
+    keygen_name, keygen = _keygen()
+    assert keygen.exist_ok, "keygen runs at every `up`: it must keep the keys it made before"
+    key_dir, authorized = str(keygen.dir), str(keygen.authorize)
+    broker_name = next(name for name, svc in every.items() if argv(svc)[:1] == ["zchat-broker"])
+    broker = every[broker_name]
+    env = environment(broker)
+    assert not parse_bool(env.get("ZCHAT_INSECURE", "0")), "with CURVE the broker needs no --insecure"
+    secret = env["ZCHAT_CURVE_SECRET_KEY"]
+    assert secret in {f"{key_dir}/{name}.key_secret" for name in keygen.names}
+    assert env["ZCHAT_AUTHORIZED_KEYS"] == authorized
+    server_public = secret.removesuffix("_secret")
+    assert _depends(broker).get(keygen_name, {}).get("condition") == "service_completed_successfully"
+    volume_of = {}
+    for name, service in every.items():
+        for mount in service.get("volumes", []):
+            parts = str(mount).split(":")
+            if key_dir.startswith(parts[1]):
+                volume_of[name] = parts[0]
+                assert name == keygen_name or parts[2:] == ["ro"], f"{name} needs only to read the keys"
+    clients = [name for name, svc in every.items() if argv(svc)[:1] in (["zchat-client"], ["zchat-bot"])]
+    assert clients
+    for name in clients:
+        client_env = environment(every[name])
+        assert client_env["ZCHAT_SERVER_KEY"] == server_public, f"{name} must know the broker's public key"
+        own = client_env["ZCHAT_KEY"]
+        assert own in {f"{key_dir}/{n}.key_secret" for n in keygen.names} and own != secret
+    assert len(set(volume_of.values())) == 1 and set(volume_of) == {keygen_name, broker_name, *clients}
+    assert set(volume_of.values()) <= set(secure_volumes())
+    # The volume's mount point exists in the images, owned by the user the services run as,
+    # so a fresh volume is writable by keygen (Docker copies the directory's owner and mode).
+    for target in {build_target(every[name]) for name in volume_of}:
+        runs = " ".join(rest for kw, rest in instructions(target) if kw == "RUN")
+        assert re.search(rf"install -d -o zchat -g zchat -m 0?700 {re.escape(key_dir)}\b", runs), target
+
+
+@pytest.mark.timeout(40)
+def test_the_secure_variant_runs_its_services_over_curve(tmp_path: Path) -> None:
+    every = secure_services()
+    container_ports = sorted({int(p.group("container")) for svc in every.values() for p in published(svc)})
+    keygen_name, keygen = _keygen()
+    (tmp_path / "keys").mkdir(mode=0o700)
+    topology = Topology(tmp_path, dict(zip(container_ports, free_ports(len(container_ports)), strict=True)),
+                        spec=every, mounts={str(keygen.dir): tmp_path / "keys"})
+    try:
+        assert topology.start(keygen_name).wait(timeout=WAIT) == 0, topology.log(keygen_name)
+        broker_name = next(name for name, svc in every.items() if argv(svc)[:1] == ["zchat-broker"])
+        topology.start(broker_name)
+        wait_healthy(topology, broker_name)  # the HEALTHCHECK works with CURVE on
+        greeter = next(name for name, svc in every.items() if argv(svc)[:2] == ["zchat-bot", "greeter"])
+        topology.start(greeter)
+        you = topology.client("you")
+        try:
+            deadline = time.monotonic() + WAIT
+            while not any(info.name == "general" and info.members >= 1 for info in you.rooms()):
+                assert topology.procs[greeter].poll() is None, topology.log(greeter)
+                assert time.monotonic() < deadline, f"the greeter never joined:\n{topology.log(greeter)}"
+            you.join("general", history=0)
+            assert "greeter" in you.who("general")
+        finally:
+            you.close()
+        # Keygen again (every `up` runs it): it keeps the keys, so the broker still knows them.
+        assert topology.start(keygen_name).wait(timeout=WAIT) == 0, topology.log(keygen_name)
+        for name in (greeter, broker_name):
+            assert topology.stop(name, seconds(every[name].get("stop_grace_period", "10s"))) == 0
+    finally:
+        for proc in topology.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=5)

@@ -26,8 +26,8 @@ from textual.pilot import Pilot
 
 from zchat.client import Client, EventKind
 from zchat.client.tui import ChatApp, Settings
-from zchat.client.tui_state import STATUS, Completer, InputHistory, nick_colour
-from zchat.client.tui_widgets import ChatInput, NickScreen, Sidebar
+from zchat.client.tui_state import STATUS, Completer, Conversations, InputHistory, dm_key, nick_colour
+from zchat.client.tui_widgets import ChatInput, MemberList, NickScreen, Sidebar
 from zchat.common.protocol import Event
 
 if TYPE_CHECKING:
@@ -209,7 +209,7 @@ def test_dm_panes_open_by_msg_and_by_an_incoming_dm(broker: RunningBroker, clien
         await until(pilot, lambda: "carol (1)" in sidebar_labels(app)[-1])
         assert app.current_key == "@bob"
         await pilot.press(f"alt+{len(sidebar_labels(app))}")
-        assert app.current_key == "@carol"
+        assert app.current_key == dm_key("carol")  # panes are keyed by nick_key (skeleton: "caroi")
         await until(pilot, lambda: "<carol> hi from carol" in pane_text(app))
 
     run_app(settings_for(broker), scenario)
@@ -230,7 +230,7 @@ def test_broker_errors_are_shown_inline_in_plain_words(broker: RunningBroker, cl
         await until(pilot, lambda: "room name must start" in pane_text(app))
         assert app.current_key == "#general" and "#-bad-" not in " ".join(sidebar_labels(app))
         await type_line(pilot, "/topic")
-        await until(pilot, lambda: "no room topics yet" in pane_text(app))
+        await until(pilot, lambda: "#general has no topic" in pane_text(app))
         await type_line(pilot, "/frobnicate")
         await until(pilot, lambda: "unknown command /frobnicate" in pane_text(app))
 
@@ -272,6 +272,65 @@ def test_who_and_leave(broker: RunningBroker, client_factory: MakeClient) -> Non
         assert [label.split()[1] for label in sidebar_labels(app)] == ["zchat", "#general"]
 
     run_app(settings_for(broker), scenario)
+
+
+def member_labels(app: ChatApp) -> list[str]:
+    members = app.query_one(MemberList)
+    return [str(members.get_option_at_index(i).prompt) for i in range(members.option_count)]
+
+
+def test_a_private_room_and_its_moderation(broker: RunningBroker, client_factory: MakeClient) -> None:
+    bob = client_factory("bob")
+
+    async def scenario(app: ChatApp, pilot: Pilot[None]) -> None:
+        await ready(app, pilot)
+        await type_line(pilot, "/create den")
+        await ready(app, pilot, "den")
+        assert any(label.endswith("#den (private)") for label in sidebar_labels(app))
+        assert member_labels(app) == ["@alice"]
+        await type_line(pilot, "/invite bob")
+        await receive(bob, lambda e: e.kind is EventKind.INVITE)
+        await asyncio.to_thread(bob.join, "den")
+        await until(pilot, lambda: "bob" in app.current.members.values())
+        await type_line(pilot, "/op bob")
+        await until(pilot, lambda: member_labels(app) == ["@alice", "@bob"])
+        await type_line(pilot, "/topic plans for friday")
+        await until(pilot, lambda: "topic: plans for friday" in status_text(app))
+        assert "alice set the topic: plans for friday" in pane_text(app)
+        assert app.query_one("#panes").border_title == "#den (private) — plans for friday"
+        await type_line(pilot, "/kick bob spam")
+        await until(pilot, lambda: "alice kicked bob (spam)" in pane_text(app))
+        assert member_labels(app) == ["@alice"]
+        await type_line(pilot, "/unban")
+        await until(pilot, lambda: "usage: /unban NICK" in pane_text(app))
+
+    run_app(settings_for(broker), scenario)
+
+
+def test_moderation_events_keep_the_panes_state() -> None:
+    convs = Conversations()
+    den = convs.room("den")
+    den.set_members(["alice", "bob", "carol"], ["alice"])
+
+    def event(kind: EventKind, nick: str | None = None, text: str = "", room: str = "den", sender: str = "al") -> Event:
+        return Event(kind, room, sender, text, 0.0, 1, nick=nick)
+
+    def ops() -> list[str]:
+        return sorted(nick for nick in ("alice", "bob", "carol", "robert") if den.is_op(nick))
+
+    assert convs.route(event(EventKind.OP, "BOB"), "carol") is den
+    assert ops() == ["alice", "bob"]
+    convs.route(event(EventKind.NICK, "robert", sender="bob"), "carol")
+    assert ops() == ["alice", "robert"]
+    convs.route(event(EventKind.DEOP, "robert"), "carol")
+    convs.route(event(EventKind.TOPIC, text="plans"), "carol")
+    assert (ops(), den.subject) == (["alice"], "plans")
+    convs.route(event(EventKind.KICK, "robert", "spam"), "carol")
+    assert sorted(den.members.values()) == ["alice", "carol"]
+    assert convs.route(event(EventKind.INVITE, "carol", room="attic"), "carol") is convs.by_key[STATUS]
+    assert "#attic" not in convs.by_key
+    convs.route(event(EventKind.BAN, "carol"), "carol")  # us: the pane keeps its lines, not its lists
+    assert (den.members, den.ops) == ({}, set())
 
 
 def test_an_unreachable_broker_ends_the_app_with_status_1() -> None:

@@ -1,7 +1,8 @@
 """``zchat-broker``: run the broker; its subcommands ``export``, ``status`` and ``check``.
 
 * ``zchat-broker [OPTIONS]`` serves until SIGINT or SIGTERM; SIGHUP reloads the settings
-  that can change while it runs (log level and format, motd, retention, tick interval).
+  that can change while it runs (log level and format, motd, retention, tick interval) and
+  re-reads the authorized-keys directory in secure mode.
 * ``zchat-broker export --room ROOM`` writes a room's stored history as JSON lines.
 * ``zchat-broker status`` prints a running broker's figures; ``zchat-broker check`` exits 0
   if a broker answers (the Docker HEALTHCHECK).
@@ -19,7 +20,7 @@ from types import FrameType
 import zmq
 
 from zchat.common.config import add_options, resolve, setup_logging
-from zchat.common.errors import ConfigError
+from zchat.common.errors import ConfigError, KeyFileError
 
 from . import tools
 from ._version import __version__
@@ -54,17 +55,20 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         parser.error(str(exc))
     setup_logging(config.log_level, config.log_format)
-    exposed = config.exposed_endpoints()
+    exposed = [] if config.secure else config.exposed_endpoints()  # CURVE: any address
     if exposed and not config.insecure:
         parser.error(
             f"refusing to bind {', '.join(exposed)}: only loopback is served without encryption and "
-            "authentication; pass --insecure (or ZCHAT_INSECURE=1) to accept anyone who can reach it"
+            "authentication; give the broker a key (--curve-secret-key and --authorized-keys), or pass "
+            "--insecure (or ZCHAT_INSECURE=1) to accept anyone who can reach it"
         )
     if exposed:
         log.warning("serving %s WITHOUT encryption or authentication (--insecure): anyone who can "
                     "reach these ports can read public rooms and post", ", ".join(exposed))
     try:
         broker = Broker(config)
+    except KeyFileError as exc:
+        parser.error(f"secure mode: {exc}")
     except zmq.ZMQError as exc:
         print(f"zchat-broker: cannot bind {config.router} / {config.pub}: {exc}", file=sys.stderr)
         return 1

@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from zchat.common import config as c
+from zchat.common.errors import ConfigError
 from zchat.common.limits import DEFAULT_LIMITS, Limits
 
+from .ratelimit import Rate, RateLimits
 from .store import Durability, default_data_dir
 
 ENV_DATA_DIR = "ZCHAT_DATA_DIR"
@@ -25,6 +27,20 @@ ENV_TICK_INTERVAL = "ZCHAT_TICK_INTERVAL"
 ENV_METRICS_PORT = "ZCHAT_METRICS_PORT"
 ENV_METRICS_HOST = "ZCHAT_METRICS_HOST"
 ENV_INSECURE = "ZCHAT_INSECURE"
+#: The broker's CURVE secret key file (NAME.key_secret); setting it turns secure mode on.
+ENV_CURVE_SECRET_KEY = "ZCHAT_CURVE_SECRET_KEY"
+#: The directory of client public key files (NAME.key) allowed to connect in secure mode.
+ENV_AUTHORIZED_KEYS = "ZCHAT_AUTHORIZED_KEYS"
+ENV_RATE_MESSAGES = "ZCHAT_RATE_MESSAGES"
+ENV_RATE_BYTES = "ZCHAT_RATE_BYTES"
+ENV_RATE_SUBSCRIPTIONS = "ZCHAT_RATE_SUBSCRIPTIONS"
+ENV_RATE_HISTORY = "ZCHAT_RATE_HISTORY"
+ENV_FLOOD_STRIKES = "ZCHAT_FLOOD_STRIKES"
+ENV_FLOOD_PENALTY = "ZCHAT_FLOOD_PENALTY"
+ENV_NO_RATE_LIMITS = "ZCHAT_NO_RATE_LIMITS"
+ENV_MAX_SESSIONS_PER_KEY = "ZCHAT_MAX_SESSIONS_PER_KEY"
+
+_RATES = RateLimits()
 
 
 def _port(value: str) -> int:
@@ -85,6 +101,30 @@ OPTIONS = (
     c.Option("insecure", "--insecure", ENV_INSECURE, False, c.parse_bool,
              "allow binding addresses other than loopback without encryption or authentication",
              const="true"),
+    c.Option("curve_secret_key", "--curve-secret-key", ENV_CURVE_SECRET_KEY, None, Path,
+             "the broker's CURVE secret key file (zchat-keygen); turns on encryption and authentication",
+             "FILE"),
+    c.Option("authorized_keys", "--authorized-keys", ENV_AUTHORIZED_KEYS, None, Path,
+             "directory of the client public keys (NAME.key) allowed to connect; re-read when it changes",
+             "DIR"),
+    c.Option("rate_messages", "--rate-messages", ENV_RATE_MESSAGES, _RATES.messages, Rate.parse,
+             "messages (say, dm) per second per identity / burst, or 0 for no limit", "RATE/BURST"),
+    c.Option("rate_bytes", "--rate-bytes", ENV_RATE_BYTES, _RATES.bytes, Rate.parse,
+             "bytes of messages per second per identity / burst, or 0", "RATE/BURST"),
+    c.Option("rate_subscriptions", "--rate-subscriptions", ENV_RATE_SUBSCRIPTIONS, _RATES.subscriptions,
+             Rate.parse, "joins (and, with CURVE, subscriptions) per second per identity / burst, or 0",
+             "RATE/BURST"),
+    c.Option("rate_history", "--rate-history", ENV_RATE_HISTORY, _RATES.history, Rate.parse,
+             "history requests per second per identity / burst, or 0", "RATE/BURST"),
+    c.Option("flood_strikes", "--flood-strikes", ENV_FLOOD_STRIKES, _RATES.strikes, c.parse_non_negative_int,
+             "refusals within 10 s that disconnect an identity for --flood-penalty (0: never)", "COUNT"),
+    c.Option("flood_penalty", "--flood-penalty", ENV_FLOOD_PENALTY, _RATES.penalty, c.parse_non_negative_float,
+             "seconds a flooding identity is kept out", "SECONDS"),
+    c.Option("no_rate_limits", "--no-rate-limits", ENV_NO_RATE_LIMITS, False, c.parse_bool,
+             "turn flood control off (benchmarks, trusted networks)", const="true"),
+    c.Option("max_sessions_per_key", "--max-sessions-per-key", ENV_MAX_SESSIONS_PER_KEY,
+             DEFAULT_LIMITS.max_sessions_per_key, c.parse_positive_int,
+             "sessions one client key may hold at once (CURVE mode)", "COUNT"),
 )
 
 
@@ -110,6 +150,12 @@ class BrokerConfig:
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
     insecure: bool = False
+    #: The CURVE secret key file; None runs without encryption or authentication.
+    curve_secret_key: Path | None = None
+    #: The directory of authorized client public keys (required with curve_secret_key).
+    authorized_keys: Path | None = None
+    #: Flood control per identity; None turns it off.
+    rate_limits: RateLimits | None = field(default_factory=RateLimits)
 
     @property
     def retention_seconds(self) -> float | None:
@@ -119,7 +165,10 @@ class BrokerConfig:
     @classmethod
     def from_values(cls, values: Mapping[str, Any]) -> BrokerConfig:
         """Build from :func:`zchat.common.config.resolve`'s output for :data:`OPTIONS`."""
-        limits = Limits(max_frame=values["max_frame"], max_text=values["max_text"])
+        limits = Limits(max_frame=values["max_frame"], max_text=values["max_text"],
+                        max_sessions_per_key=values["max_sessions_per_key"])
+        rates = RateLimits(values["rate_messages"], values["rate_bytes"], values["rate_subscriptions"],
+                           values["rate_history"], values["flood_strikes"], penalty=values["flood_penalty"])
         return cls(
             router=values["router"],
             pub=values["pub"],
@@ -139,7 +188,23 @@ class BrokerConfig:
             metrics_port=values["metrics_port"],
             metrics_host=values["metrics_host"],
             insecure=values["insecure"],
+            curve_secret_key=values["curve_secret_key"],
+            authorized_keys=values["authorized_keys"],
+            rate_limits=None if values["no_rate_limits"] else rates,
         )
+
+    def __post_init__(self) -> None:
+        if self.curve_secret_key is not None and self.authorized_keys is None:
+            raise ConfigError("--authorized-keys", None, "required with --curve-secret-key: the directory of "
+                              "the client public keys allowed to connect")
+        if self.authorized_keys is not None and self.curve_secret_key is None:
+            raise ConfigError("--authorized-keys", str(self.authorized_keys),
+                              "needs --curve-secret-key (the broker's own key) to take effect")
+
+    @property
+    def secure(self) -> bool:
+        """CURVE encryption and authentication are on."""
+        return self.curve_secret_key is not None
 
     def exposed_endpoints(self) -> list[str]:
         """The endpoints that other machines could reach (not loopback, ipc or inproc)."""

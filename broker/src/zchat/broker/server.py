@@ -25,11 +25,14 @@ from typing import Any
 
 import zmq
 
+from zchat.common.keys import KeyPair, load_secret_key
+
 from ._version import __version__
 from .config import BrokerConfig
 from .core import BrokerCore, Subscription
 from .metrics import Metrics
 from .store import MemoryStore, SqliteStore, Store
+from .zap import ZAP_DOMAIN, ZAP_ENDPOINT, ZapHandler
 
 log = logging.getLogger("zchat.broker")
 
@@ -61,11 +64,33 @@ def open_store(config: BrokerConfig) -> Store:
     return SqliteStore(path, config.durability, max_pages)
 
 
+def _user_id(frame: zmq.Frame) -> str | None:
+    """The CURVE key ZAP approved for the connection ``frame`` came from (its ZAP user id).
+
+    None for a message libzmq made itself: the XPUB's unsubscriptions for a peer that left.
+    """
+    try:
+        return str(frame.get("User-Id"))
+    except zmq.ZMQError:  # EINVAL: the message carries no metadata
+        return None
+
+
 class Broker:
     """A running broker: binds on construction, serves until :meth:`stop`.
 
     ``router_endpoint``/``pub_endpoint`` are the endpoints actually bound (with the port the
     OS chose when the configured endpoint ends in ``:*``).
+
+    With ``config.curve_secret_key`` (secure mode) both sockets are CURVE servers and a ZAP
+    handler (:mod:`zchat.broker.zap`) served on this loop decides who may connect; it is
+    bound before them, and ZAP_ENFORCE_DOMAIN makes libzmq refuse every handshake it has
+    not approved. Each request and subscription then reaches the core with the client's
+    public key, read from the message's ``User-Id`` property.
+
+    Raises:
+        KeyFileError: secure mode, and the secret key file or the authorized-keys directory
+            cannot be used.
+        zmq.ZMQError: an endpoint cannot be bound.
     """
 
     def __init__(
@@ -75,6 +100,13 @@ class Broker:
         store: Store | None = None,
     ) -> None:
         self.config = config
+        #: The broker's CURVE key pair, and the ZAP handler, in secure mode.
+        self.curve: KeyPair | None = None
+        self.zap: ZapHandler | None = None
+        if config.curve_secret_key is not None:
+            assert config.authorized_keys is not None  # BrokerConfig checks it
+            self.curve = load_secret_key(config.curve_secret_key)
+            self.zap = ZapHandler(config.authorized_keys, self.curve.public)
         self.store = store if store is not None else open_store(config)
         self.core = BrokerCore(
             store=self.store,
@@ -83,6 +115,8 @@ class Broker:
             session_timeout=config.session_timeout,
             max_page=config.max_page,
             version=__version__,
+            secure=self.zap is not None,
+            rate_limits=config.rate_limits,
         )
         #: Seconds the last store commit took (for metrics and the benchmark).
         self.last_commit_seconds = 0.0
@@ -96,6 +130,7 @@ class Broker:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
+        self._zap_socket: zmq.Socket[bytes] | None = None
         self.router = self._socket(zmq.ROUTER, config.limits.max_frame, config.router)
         self.xpub = self._socket(zmq.XPUB, MAX_SUBSCRIPTION_FRAME, config.pub)
         # Manual mode: a subscription takes effect only when we grant it (handle_subscription).
@@ -103,6 +138,11 @@ class Broker:
         self.xpub.setsockopt(zmq.SNDHWM, XPUB_SNDHWM)
         self.router.setsockopt(zmq.SNDHWM, ROUTER_SNDHWM)
         try:
+            if self.zap is not None:
+                # The handler first: libzmq must never see a handshake before it can ask.
+                self._zap_socket = self._ctx.socket(zmq.ROUTER)
+                self._zap_socket.setsockopt(zmq.LINGER, 0)
+                self._zap_socket.bind(ZAP_ENDPOINT)
             self.router.bind(config.router)
             self.xpub.bind(config.pub)
         except zmq.ZMQError:
@@ -129,6 +169,13 @@ class Broker:
         heartbeat_ms = max(1, int(self.config.session_timeout * 1000 / 3))
         sock.setsockopt(zmq.HEARTBEAT_IVL, heartbeat_ms)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, heartbeat_ms * 3)
+        if self.curve is not None:
+            sock.setsockopt(zmq.CURVE_SERVER, 1)
+            sock.setsockopt(zmq.CURVE_SECRETKEY, self.curve.secret.encode("ascii"))
+            sock.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN.encode())
+            # Without it libzmq accepts every CURVE client when no handler answers
+            # (libzmq's backward-compatible default); with it, none.
+            sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
         return sock
 
     @property
@@ -160,9 +207,11 @@ class Broker:
         """Run the loop until :meth:`stop` is called, then close the sockets and the store."""
         log.info("zchat broker serving: router=%s pub=%s", self.router_endpoint, self.pub_endpoint)
         poller = zmq.Poller()
-        poller.register(self.router, zmq.POLLIN)
-        poller.register(self.xpub, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
+        for sock in (self.router, self.xpub, self._wake_r, self._zap_socket):
+            if sock is not None:
+                poller.register(sock, zmq.POLLIN)
+        # Secure mode reads each message's User-Id; the insecure hot path stays as it was.
+        drain_router = self._drain_router if self.zap is None else self._drain_router_secure
         core = self.core
         now = time.monotonic()
         next_sweep, next_tick = now + self._sweep_every(), now + self.config.tick_interval
@@ -177,15 +226,17 @@ class Broker:
                 core.set_time(time.time(), mono)
                 for sock, _ in ready:
                     if sock is self.router:
-                        self._drain_router()
+                        drain_router()
                     elif sock is self.xpub:
                         self._drain_xpub()
+                    elif sock is self._zap_socket:
+                        self._drain_zap(mono)
                     else:
                         self._drain_wakeup()
                 self._commit()
                 config = self.config  # reload() may replace it between turns
                 if mono >= next_sweep:
-                    core.expire_sessions()
+                    self._sweep(mono)
                     next_sweep = mono + self._sweep_every()
                 if mono >= next_tick:
                     core.tick()
@@ -209,6 +260,11 @@ class Broker:
             self.close()
         log.info("zchat broker stopped")
 
+    def _sweep(self, mono: float) -> None:
+        """End silent sessions; in secure mode, notice changes to the authorized keys."""
+        self.core.expire_sessions()
+        self._refresh_keys(mono)
+
     def _sweep_every(self) -> float:
         return min(1.0, self.config.session_timeout / 4)
 
@@ -223,11 +279,17 @@ class Broker:
             if getattr(fresh, name) != getattr(self.config, name):
                 log.warning("%s changed to %r: restart the broker to apply it", name, getattr(fresh, name))
         keep = {name: getattr(self.config, name) for name in ("router", "pub", "store", "data_dir", "durability",
-                                                              "metrics_port", "metrics_host", "limits")}
+                                                              "metrics_port", "metrics_host", "limits",
+                                                              "curve_secret_key", "authorized_keys")}
         self.config = dataclasses.replace(fresh, **keep)
         self.core.motd = fresh.motd
+        self.core.set_rate_limits(fresh.rate_limits)
         self.core.max_page = fresh.max_page
         self.core.session_timeout, self.core.heartbeat = fresh.session_timeout, fresh.session_timeout / 3
+        for name in ("curve_secret_key", "authorized_keys"):
+            if getattr(fresh, name) != getattr(self.config, name):
+                log.warning("%s changed to %r: restart the broker to apply it", name, getattr(fresh, name))
+        self._refresh_keys(time.monotonic(), force=True)
         log.info("settings reloaded")
 
     def _commit(self) -> None:
@@ -254,11 +316,35 @@ class Broker:
             else:
                 core.handle_request(peer, frame.bytes)
 
-    def _drain_xpub(self) -> None:
-        xpub, core = self.xpub, self.core
+    def _drain_router_secure(self) -> None:
+        """:meth:`_drain_router` for secure mode: each request comes with its sender's key."""
+        recv, core, zap = self.router.recv, self.core, self.zap
+        assert zap is not None
         for _ in range(BATCH):
             try:
-                message = xpub.recv(zmq.NOBLOCK)
+                peer = recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            frame = recv(copy=False)
+            # The key ZAP approved for this connection (its reply's user id), set by libzmq.
+            key = _user_id(frame)
+            if frame.more:
+                core.handle_bad_frames(peer, 1 + self._discard_rest(self.router))
+            elif key in zap.allowed:
+                core.handle_request(peer, frame.bytes, key)
+            # else: its key was revoked after its handshake; the connection stays open (libzmq
+            # cannot close one peer's) but is heard no more.
+
+    def _drain_xpub(self) -> None:
+        xpub, core, zap = self.xpub, self.core, self.zap
+        key: str | None = None
+        for _ in range(BATCH):
+            try:
+                if zap is None:
+                    message = xpub.recv(zmq.NOBLOCK)
+                else:
+                    frame = xpub.recv(zmq.NOBLOCK, copy=False)
+                    message, key = frame.bytes, _user_id(frame)
             except zmq.Again:
                 core.xpub_drained()
                 return
@@ -266,13 +352,43 @@ class Broker:
                 self._discard_rest(xpub)  # a multipart message from an XSUB: not ours to read
                 core.handle_xpub_junk()
                 continue
+            if zap is not None and key not in zap.allowed and message[:1] == b"\x01":
+                continue  # a revoked key's connection gets no new subscription
             # In manual mode SUBSCRIBE/UNSUBSCRIBE apply to the pipe the last message came from,
             # so the decision must be applied before the next recv.
-            decision = core.handle_subscription(message)
+            decision = core.handle_subscription(message, key)
             if decision is Subscription.GRANT:
                 xpub.setsockopt(zmq.SUBSCRIBE, message[1:])
             elif decision is Subscription.UNSUBSCRIBE:
                 xpub.setsockopt(zmq.UNSUBSCRIBE, message[1:])
+
+    def _drain_zap(self, now: float) -> None:
+        """Answer the ZAP requests libzmq sent for new connections (secure mode)."""
+        sock, zap = self._zap_socket, self.zap
+        assert sock is not None and zap is not None
+        for _ in range(BATCH):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            # ROUTER envelope: libzmq's routing id and the empty delimiter, then the request.
+            sock.send_multipart([*frames[:2], *zap.handle(frames[2:], now)])
+        self._after_keys_checked()
+
+    def _refresh_keys(self, now: float, *, force: bool = False) -> None:
+        """Re-read the authorized-keys directory if it changed (at most every CHECK_EVERY s)."""
+        if self.zap is not None:
+            self.zap.refresh(now, force=force)
+            self._after_keys_checked()
+
+    def _after_keys_checked(self) -> None:
+        zap = self.zap
+        assert zap is not None
+        if zap.take_revoked():
+            ended = self.core.keys_revoked(set(zap.allowed))
+            log.info("authorized keys changed: %d sessions of removed keys ended", ended)
+        self.core.io_figures["handshakes_accepted_total"] = zap.accepted
+        self.core.io_figures["handshakes_refused_total"] = zap.refused
 
     @staticmethod
     def _discard_rest(sock: zmq.Socket[bytes]) -> int:
@@ -317,6 +433,8 @@ class Broker:
             self.metrics.close()
         for sock in (self.router, self.xpub):
             sock.close()
+        if self._zap_socket is not None:
+            self._zap_socket.close()
         self.store.close()
         self._wake_r.close()
         self._wake_w.close()

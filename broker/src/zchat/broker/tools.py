@@ -17,7 +17,8 @@ import zmq
 from zchat.common import config as c
 from zchat.common.codec import decode_reply, encode
 from zchat.common.codes import ErrorCode
-from zchat.common.errors import ConfigError, ProtocolError
+from zchat.common.errors import ConfigError, KeyFileError, ProtocolError
+from zchat.common.keys import KeyPair, load_secret_key
 from zchat.common.names import normalize_room
 from zchat.common.protocol import StatsReply, StatsRequest
 
@@ -86,16 +87,24 @@ def export_main(argv: list[str]) -> int:
 
 
 
-_ROUTER_OPTION = [opt for opt in OPTIONS if opt.name == "router"]
+_ROUTER_OPTION = [opt for opt in OPTIONS if opt.name in ("router", "curve_secret_key")]
 
 
-def _ask_stats(router: str, timeout: float) -> StatsReply:
-    """One ``stats`` request to the broker at ``router`` (no session needed)."""
+def _ask_stats(router: str, timeout: float, curve: KeyPair | None = None) -> StatsReply:
+    """One ``stats`` request to the broker at ``router`` (no session needed).
+
+    ``curve`` is the broker's own key pair in secure mode: the tool runs where the broker's
+    secret key is, and the broker's ZAP handler accepts its own key.
+    """
     # A broker bound to every interface (* or 0.0.0.0) is reached on loopback.
     router = re.sub(r"^tcp://(\*|0\.0\.0\.0):", "tcp://127.0.0.1:", router)
     ctx = zmq.Context()
     dealer = ctx.socket(zmq.DEALER)
     dealer.setsockopt(zmq.LINGER, 0)
+    if curve is not None:
+        dealer.setsockopt(zmq.CURVE_SERVERKEY, curve.public.encode("ascii"))
+        dealer.setsockopt(zmq.CURVE_PUBLICKEY, curve.public.encode("ascii"))
+        dealer.setsockopt(zmq.CURVE_SECRETKEY, curve.secret.encode("ascii"))
     try:
         dealer.connect(router)
         dealer.send(encode(StatsRequest(1)))
@@ -117,12 +126,15 @@ def _stats_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def _router(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+def _router(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[str, KeyPair | None]:
+    """The broker's router endpoint, and its key pair when it runs with CURVE."""
     # Resolve every broker option (so the broker's own config file is read as the broker
-    # reads it, unknown keys and all) and keep the router.
+    # reads it, unknown keys and all) and keep the router and the key.
     try:
-        return str(c.resolve(OPTIONS, args, os.environ, section="broker")["router"])
-    except ConfigError as exc:
+        values = c.resolve(OPTIONS, args, os.environ, section="broker")
+        secret = values["curve_secret_key"]
+        return str(values["router"]), load_secret_key(secret) if secret is not None else None
+    except (ConfigError, KeyFileError) as exc:
         parser.error(str(exc))
 
 
@@ -130,9 +142,9 @@ def check_main(argv: list[str]) -> int:
     """``zchat-broker check``: exit 0 if the broker answers a ``stats`` request in time."""
     parser = _stats_parser("zchat-broker check", "Exit 0 if a broker answers; 1 otherwise (for health checks).")
     args = parser.parse_args(argv)
-    router = _router(parser, args)
+    router, curve = _router(parser, args)
     try:
-        stats = _ask_stats(router, args.timeout)
+        stats = _ask_stats(router, args.timeout, curve)
     except (TimeoutError, ProtocolError) as exc:
         print(f"zchat-broker check: {exc}", file=sys.stderr)
         return 1
@@ -175,12 +187,12 @@ def status_main(argv: list[str]) -> int:
     parser.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS until interrupted")
     parser.add_argument("--json", action="store_true", help="print the raw figures as one JSON object")
     args = parser.parse_args(argv)
-    router = _router(parser, args)
+    router, curve = _router(parser, args)
     previous: StatsReply | None = None
     try:
         while True:
             try:
-                stats = _ask_stats(router, args.timeout)
+                stats = _ask_stats(router, args.timeout, curve)
             except (TimeoutError, ProtocolError) as exc:
                 print(f"zchat-broker status: {exc}", file=sys.stderr)
                 return 1

@@ -15,6 +15,23 @@ Sending: ``say`` and ``dm`` carry a client message id; if the broker does not an
 the connection is lost, the same request is sent again (flagged as a resend) until it is
 acknowledged or ``send_timeout`` passes. The broker stores a resent message once.
 
+Flood control: a request refused with ``rate_limited`` holds back every request of its kind
+(messages, joins, history pages) for the ``retry_after`` the broker gave. ``say``/``dm`` and
+the fills of missed messages wait that long and resend (same cmid); other requests raise.
+
+Private rooms: a ``rekey`` event (someone was removed) moves the room to a new topic; the
+client subscribes to it, drops the old one and fills from history what the move missed, so
+the room's messages still arrive exactly once and in order. A ``kick`` or ``ban`` of this
+session drops the room. A room that cannot be joined again after a reconnection (removed
+meanwhile, or a private room the broker lost) is dropped, and a ``leave`` event of this
+session with the reason is delivered.
+
+Secure mode: with ``server_key`` and ``key`` both sockets are CURVE clients (encrypted, and
+the broker knows us by our public key). A socket monitor watches the DEALER's handshake, so
+a broker that refuses our key, or that is not the server whose key we hold, fails
+:meth:`AsyncClient.connect` at once with :class:`~zchat.common.errors.AuthenticationFailed`
+instead of a timeout (and a plain client meeting a CURVE broker learns why too).
+
 Every request method raises :class:`~zchat.common.errors.RequestError` for an error reply
 and :class:`~zchat.common.errors.RequestTimeout` when no reply comes in time.
 """
@@ -25,17 +42,29 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from enum import Enum
+from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
-from zchat.common.codes import ErrorCode, EventKind
+from zchat.common.codes import ErrorCode, EventKind, RequestKind
 from zchat.common.config import DEFAULT_PUB, DEFAULT_ROUTER
-from zchat.common.errors import ConnectionClosed, ProtocolError, RequestError, RequestTimeout
+from zchat.common.errors import (
+    AuthenticationFailed,
+    AuthFailure,
+    ConfigError,
+    ConnectionClosed,
+    ProtocolError,
+    RequestError,
+    RequestTimeout,
+)
+from zchat.common.keys import KeyPair, load_public_key, load_secret_key
 from zchat.common.protocol import (
     STORED_KINDS,
     Bye,
@@ -50,6 +79,8 @@ from zchat.common.protocol import (
     Leave,
     Left,
     Members,
+    Moderate,
+    Moderated,
     Nick,
     NickChanged,
     Ping,
@@ -61,6 +92,7 @@ from zchat.common.protocol import (
     Rooms,
     Say,
     Sent,
+    SetTopic,
     Welcome,
     Who,
 )
@@ -92,6 +124,83 @@ def backoff(initial: float = 0.1, factor: float = 2.0, maximum: float = 5.0) -> 
 #: Requests that change nothing: asked again after a reconnection if the session was gone.
 _READS: frozenset[type[Request]] = frozenset({History, Who, Rooms, Ping})
 
+#: Which flood-control bucket a request draws on (the broker's buckets); other requests
+#: are held back by their own kind.
+_BUCKETS: dict[type[Request], str] = {Say: "messages", Dm: "messages", Join: "subscriptions", History: "history"}
+
+#: Refusals of a rejoin that mean we may no longer be in the room: it is dropped.
+_GONE = frozenset({ErrorCode.NOT_INVITED, ErrorCode.BANNED, ErrorCode.ROOM_EXISTS})
+
+#: Seconds to wait after a ``rate_limited`` reply that does not say how long.
+_DEFAULT_RETRY_AFTER = 1.0
+
+
+class _Gate:
+    """Flood control for one bucket of requests, as the broker's ``rate_limited`` asks.
+
+    Open, requests pass at once. A refusal closes it for its ``retry_after``; then requests
+    pass one at a time, each after the one before it is answered and ``retry_after`` (the
+    time the broker's bucket takes to refill for one) after it, until one is accepted with
+    nobody waiting behind it and the gate opens again. So a refusal is not followed by more
+    refusals, each of them a strike towards the broker's penalty for flooding.
+    """
+
+    def __init__(self) -> None:
+        self.until = 0.0  # loop time before which nothing passes
+        self.pace = 0.0  # seconds between requests while limited: the last retry_after
+        self.limited = False  # refused lately: one request at a time
+        self._lock = asyncio.Lock()
+        self._queued = 0  # requests waiting for their turn
+
+    @contextlib.asynccontextmanager
+    async def turn(self, closing: asyncio.Event) -> AsyncIterator[bool]:
+        """Wait for a request's turn; yield whether it goes alone (the gate is limited).
+
+        Raises:
+            ConnectionClosed: ``closing`` was set while waiting.
+        """
+        if not self.limited:
+            yield False
+            return
+        self._queued += 1
+        try:
+            await self._lock.acquire()
+        finally:
+            self._queued -= 1
+        try:
+            loop = asyncio.get_running_loop()
+            while (delay := self.until - loop.time()) > 0 and not closing.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(closing.wait(), delay)
+            if closing.is_set():
+                raise ConnectionClosed("the client is closed")
+            yield True
+        finally:
+            self._lock.release()
+
+    def answered(self, reply: Reply, alone: bool) -> None:
+        """Learn from a reply: a refusal closes the gate; a lone request accepted keeps the
+        pace for those waiting behind it, or opens the gate if none are."""
+        now = asyncio.get_running_loop().time()
+        if type(reply) is ErrorReply and reply.code is ErrorCode.RATE_LIMITED:
+            self.pace = _DEFAULT_RETRY_AFTER if reply.retry_after is None else reply.retry_after
+            self.until = max(self.until, now + self.pace)
+            self.limited = True
+        elif alone and self._queued:
+            self.until = max(self.until, now + self.pace)
+        elif alone:
+            self.limited = False
+
+
+def _kind_of(cls: type[Request], args: tuple[Any, ...]) -> str:
+    """The wire kind of a request of ``cls`` built from ``args`` (``Moderate``: the first)."""
+    return str(args[0].value) if issubclass(cls, Moderate) else cls.KIND.value
+
+
+def rate_limited(exc: BaseException) -> bool:
+    """Whether ``exc`` is the broker asking to slow down (resend after ``retry_after``)."""
+    return isinstance(exc, RequestError) and exc.code is ErrorCode.RATE_LIMITED
+
 
 async def _cancel_and_wait(tasks: list[asyncio.Task[None]]) -> None:
     """Cancel ``tasks`` and wait for them to end.
@@ -105,6 +214,36 @@ async def _cancel_and_wait(tasks: list[asyncio.Task[None]]) -> None:
         task.cancel()
     if tasks:
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+#: What the DEALER's monitor reports about the security handshake.
+_HANDSHAKE_EVENTS = (
+    zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
+
+
+def curve_keys(server_key: str | Path | None, key: str | Path | KeyPair | None) -> tuple[str, KeyPair] | None:
+    """The broker's public key and our key pair for CURVE, or None without them.
+
+    ``server_key`` is the broker's public key (Z85) or its ``.key`` file; ``key`` is our
+    ``.key_secret`` file (or a :class:`KeyPair`).
+
+    Raises:
+        ConfigError: only one of the two was given.
+        KeyFileError: a key file is missing, malformed, or (the secret one) readable by others.
+    """
+    if server_key is None and key is None:
+        return None
+    if server_key is None or key is None:
+        given = "key" if server_key is None else "server_key"
+        raise ConfigError("server_key/key", None, "CURVE needs both the broker's public key (server_key, "
+                          "--server-key, ZCHAT_SERVER_KEY) and this client's secret key (key, --key, ZCHAT_KEY); "
+                          f"only {given} was given")
+    pair = key if isinstance(key, KeyPair) else load_secret_key(key)
+    return load_public_key(server_key), pair
 
 
 def worth_retrying(exc: BaseException) -> bool:
@@ -129,6 +268,13 @@ class AsyncClient:
         max_queued_events: events held for :meth:`recv_event` before reading pauses (the
             broker then drops for this client, and gap repair fetches what was dropped).
         context: a ``zmq.asyncio.Context`` to share; by default the client owns one.
+        server_key: the broker's CURVE public key, or its ``.key`` file: turns on CURVE.
+        key: this client's CURVE secret key file (``.key_secret``, mode 0600) or key pair;
+            given with ``server_key``, never alone.
+
+    Raises:
+        ConfigError: only one of ``server_key`` and ``key``.
+        KeyFileError: a key file cannot be used.
     """
 
     def __init__(
@@ -143,7 +289,10 @@ class AsyncClient:
         on_state: Callable[[ClientState], None] | None = None,
         max_queued_events: int = 10_000,
         context: zmq.asyncio.Context | None = None,
+        server_key: str | Path | None = None,
+        key: str | Path | KeyPair | None = None,
     ) -> None:
+        self._curve = curve_keys(server_key, key)
         self.router, self.pub, self.timeout = router, pub, timeout
         self.join_history, self.send_timeout = history, send_timeout
         self.core = ClientCore(client_id)
@@ -165,6 +314,8 @@ class AsyncClient:
         self._io_tasks: list[asyncio.Task[None]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._fills: dict[str, asyncio.Task[None]] = {}
+        self._rekeys: dict[str, asyncio.Task[None]] = {}
+        self._gates: dict[str, _Gate] = {}  # flood control, by bucket (_BUCKETS)
         self._connected = asyncio.Event()
         self._closing = asyncio.Event()
         self._lost = asyncio.Event()
@@ -189,7 +340,14 @@ class AsyncClient:
         return self.core.client_id
 
     async def connect(self, nick: str) -> Welcome:
-        """Open the sockets and a session called ``nick``; return the broker's welcome."""
+        """Open the sockets and a session called ``nick``; return the broker's welcome.
+
+        Raises:
+            AuthenticationFailed: the security handshake failed (key refused, wrong server
+                key, CURVE on one side only); at once, not after ``timeout``.
+            RequestError: the broker refused the session (``nick_taken``, ...).
+            RequestTimeout: no answer (nothing listens there, or it is overloaded).
+        """
         if self.state is not ClientState.DISCONNECTED:
             raise RuntimeError(f"connect() on a client that is {self.state.value}")
         self._wanted_nick = nick
@@ -205,13 +363,18 @@ class AsyncClient:
         ]
         return welcome
 
-    async def join(self, room: str, *, history: int | None = None) -> Joined:
+    async def join(self, room: str, *, private: bool = False, history: int | None = None) -> Joined:
         """Join ``room``; return once its recent history is delivered and its events flow.
 
+        With ``private``, a room that does not exist yet is created invite-only, with this
+        session as its operator (``room_exists`` if a public room has the name); a private
+        room is joined by those invited either way (else ``not_invited``, ``banned``).
         ``history`` overrides the client's default number of past messages to deliver.
         """
         known_topics = set(self.core.rooms.values())
-        joined = await self._call(Joined, Join, room)
+        joined = await self._call(Joined, Join, room, private)
+        if private and joined.private:
+            self.core.keep_private.add(joined.room)
         count = self.join_history if history is None else history
         if joined.topic.encode() not in known_topics:
             try:
@@ -251,7 +414,41 @@ class AsyncClient:
 
     async def who(self, room: str) -> list[str]:
         """The nicks of ``room``'s members."""
-        return list((await self._call(Members, Who, room)).members)
+        return list((await self.members(room)).members)
+
+    async def members(self, room: str) -> Members:
+        """Like :meth:`who`, with which members are the room's operators (``.ops``)."""
+        return await self._call(Members, Who, room)
+
+    # -- private rooms and moderation (operators only, else ``not_operator``) ----------------
+
+    async def invite(self, room: str, nick: str) -> Moderated:
+        """Put ``nick`` (online) on the member list of the private ``room`` and tell them."""
+        return await self._call(Moderated, Moderate, RequestKind.INVITE, room, nick)
+
+    async def kick(self, room: str, nick: str, reason: str = "") -> Moderated:
+        """Remove ``nick`` from the private ``room`` and its member list (``reason`` is shown)."""
+        return await self._call(Moderated, Moderate, RequestKind.KICK, room, nick, reason)
+
+    async def ban(self, room: str, nick: str, reason: str = "") -> Moderated:
+        """Remove ``nick`` from the private ``room`` and keep them out until :meth:`unban`."""
+        return await self._call(Moderated, Moderate, RequestKind.BAN, room, nick, reason)
+
+    async def unban(self, room: str, nick: str) -> Moderated:
+        """Lift the ban of ``nick`` (they need an :meth:`invite` to come back)."""
+        return await self._call(Moderated, Moderate, RequestKind.UNBAN, room, nick)
+
+    async def op(self, room: str, nick: str) -> Moderated:
+        """Make ``nick``, a member, an operator of the private ``room``."""
+        return await self._call(Moderated, Moderate, RequestKind.OP, room, nick)
+
+    async def deop(self, room: str, nick: str) -> Moderated:
+        """Take operator rights in the private ``room`` from ``nick``."""
+        return await self._call(Moderated, Moderate, RequestKind.DEOP, room, nick)
+
+    async def topic(self, room: str, text: str) -> Moderated:
+        """Set ``room``'s topic line (``""`` clears it); in a private room, operators only."""
+        return await self._call(Moderated, SetTopic, room, text)
 
     async def rooms(self) -> list[RoomInfo]:
         """Every room on the broker with its member count."""
@@ -286,8 +483,8 @@ class AsyncClient:
         if self.state is ClientState.CLOSED:
             return
         self._closing.set()  # wakes calls waiting for a reconnection: they raise ConnectionClosed
-        await _cancel_and_wait([*self._tasks, *self._fills.values()])
-        self._tasks, self._fills = [], {}
+        await _cancel_and_wait([*self._tasks, *self._fills.values(), *self._rekeys.values()])
+        self._tasks, self._fills, self._rekeys = [], {}, {}
         if self.state is ClientState.CONNECTED:
             with contextlib.suppress(RequestTimeout, ConnectionClosed, ProtocolError, RequestError):
                 await self._request(Bye, wait=False, timeout=min(self.timeout, 1.0))
@@ -340,23 +537,16 @@ class AsyncClient:
         """Send a request and wait for its reply; raise for an error reply.
 
         With ``wait`` (the default for callers' requests) it first waits for a reconnection
-        in progress to finish; the reconnection's own requests pass ``wait=False``.
+        in progress to finish; the reconnection's own requests pass ``wait=False``. Either
+        way it waits while the broker holds requests of its kind back (``rate_limited``).
         """
         timeout = self.timeout if timeout is None else timeout
         if wait and not self._connected.is_set() and not await self._wait_connected(timeout):
-            raise RequestTimeout(cls.KIND.value, timeout)
-        if self._dealer is None:
-            raise ConnectionClosed("the client is not connected")
-        out = self.core.request(cls, *args)
-        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-        self._waiters[out.rid] = future
-        try:
-            await self._dealer.send(out.frame)
-            reply = await asyncio.wait_for(future, timeout)
-        except TimeoutError:
-            raise RequestTimeout(out.kind, timeout) from None
-        finally:
-            self._waiters.pop(out.rid, None)
+            raise RequestTimeout(_kind_of(cls, args), timeout)
+        gate = self._gates.setdefault(_BUCKETS.get(cls) or _kind_of(cls, args), _Gate())
+        async with gate.turn(self._closing) as alone:
+            reply = await self._exchange(cls, args, timeout)
+            gate.answered(reply, alone)
         if type(reply) is ErrorReply and reply.code is ErrorCode.NO_SESSION and wait:
             self._lose("the broker no longer knows this session")
             if cls in _READS and await self._wait_connected(timeout):
@@ -376,12 +566,38 @@ class AsyncClient:
             raise ConnectionClosed("the client was closed")
         return self._connected.is_set()
 
+    async def _exchange(self, cls: type[Request], args: tuple[Any, ...], timeout: float) -> Reply:
+        """Send one request and wait for its reply (error replies included)."""
+        if self._dealer is None:
+            raise ConnectionClosed("the client is not connected")
+        out = self.core.request(cls, *args)
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._waiters[out.rid] = future
+        try:
+            await self._dealer.send(out.frame)
+            return await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            raise RequestTimeout(out.kind, timeout) from None
+        finally:
+            self._waiters.pop(out.rid, None)
+
+    async def _call_patiently(self, expect: type[R], cls: type[Request], *args: Any, wait: bool = True) -> R:
+        """:meth:`_call`, resent (after the wait the broker asked for) while ``rate_limited``."""
+        while True:
+            try:
+                return await self._call(expect, cls, *args, wait=wait)
+            except RequestError as exc:
+                if not rate_limited(exc):
+                    raise
+                log.info("the broker asks to slow down (%s); resending %s", exc, _kind_of(cls, args))
+
     async def _call(self, expect: type[R], cls: type[Request], *args: Any, wait: bool = True) -> R:
         """:meth:`_request`, checking that the reply is of type ``expect``."""
         reply = await self._request(cls, *args, wait=wait)
         if not isinstance(reply, expect):
             raise ProtocolError(
-                ErrorCode.INVALID, f"expected a {expect.__name__} reply to {cls.KIND.value!r}, got {reply.KIND.value!r}"
+                ErrorCode.INVALID,
+                f"expected a {expect.__name__} reply to {_kind_of(cls, args)!r}, got {reply.KIND.value!r}",
             )
         return reply
 
@@ -390,6 +606,8 @@ class AsyncClient:
 
         A caller-chosen ``cmid`` may be a resend from an earlier process, so even the first
         attempt is flagged ``retry``: the broker then also looks the cmid up in its store.
+        A ``rate_limited`` refusal is resent after its ``retry_after`` (unless that passes the
+        deadline); meanwhile :meth:`_request` holds back every other say and dm.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.send_timeout
@@ -399,6 +617,11 @@ class AsyncClient:
             try:
                 return await self._call(Sent, cls, target, text, action, cmid, retry)
             except (RequestTimeout, ConnectionClosed, RequestError) as exc:
+                if rate_limited(exc) and self.state is not ClientState.CLOSED:
+                    if self._gates["messages"].until > deadline:
+                        raise
+                    log.info("resending %s after: %s", cls.KIND.value, exc)
+                    continue  # _request waits out the hold first
                 if not worth_retrying(exc) or self.state is ClientState.CLOSED or loop.time() >= deadline:
                     raise
                 log.info("resending %s after: %s", cls.KIND.value, exc)
@@ -460,7 +683,7 @@ class AsyncClient:
             at_least_once = False
             # wait=False: a fill must not outlive a reconnection (its feed may be replaced
             # then, when the broker's history started over); the reconnect refills.
-            page = await self._call(
+            page = await self._call_patiently(
                 HistoryPage, History, room, room is None, None, after, self.core.max_page, wait=False
             )
             if self.core.feeds.get(key) is not feed:
@@ -484,6 +707,50 @@ class AsyncClient:
                 self._fills.pop(key, None)
 
         self._fills[key] = asyncio.create_task(fill(), name=f"zchat-fill-{key}")
+
+    def _on_rekey(self, event: Event) -> None:
+        """A private room moves to a new topic: start the move, after any move of it under way."""
+        room = event.room
+        if room is None or room not in self.core.rooms:
+            return
+        task = asyncio.create_task(self._rekey(event, self._rekeys.get(room)), name=f"zchat-rekey-{room}")
+        self._rekeys[room] = task
+
+        def done(finished: asyncio.Task[None]) -> None:
+            if self._rekeys.get(room) is finished:
+                del self._rekeys[room]
+
+        task.add_done_callback(done)
+
+    async def _rekey(self, event: Event, previous: asyncio.Task[None] | None) -> None:
+        """Subscribe to the room's new topic, sync, drop the old one, then fill the gap.
+
+        Messages published on the new topic before the subscription took effect come from
+        history; the feed drops what arrives twice, so nothing is lost or repeated.
+        """
+        if previous is not None:
+            await asyncio.gather(previous, return_exceptions=True)
+        move = self.core.rekey(event)
+        if move is None or self._sub is None:
+            return
+        try:
+            await self._subscribe(move.new)
+        except RequestTimeout:
+            self._lose(f"could not subscribe to the new topic of #{move.room}")  # a rejoin gets it
+            return
+        except ConnectionClosed:
+            return
+        if self._sub is None:
+            return
+        moved = self.core.rekeyed(move)
+        if not moved:  # left (or removed) meanwhile
+            self._sub.unsubscribe(move.new)
+        self._sub.unsubscribe(move.old)
+        if moved:
+            try:
+                await self._fill(move.room, at_least_once=True, background=True)
+            except (RequestTimeout, RequestError, ConnectionClosed) as exc:
+                log.info("could not fetch what #%s missed while moving: %s", move.room, exc)
 
     # -- connection --------------------------------------------------------------------------
 
@@ -511,8 +778,15 @@ class AsyncClient:
     def _open_sockets(self) -> None:
         dealer = self._ctx.socket(zmq.DEALER)
         sub = self._ctx.socket(zmq.SUB)
-        dealer.setsockopt(zmq.LINGER, 0)
-        sub.setsockopt(zmq.LINGER, 0)
+        for sock in (dealer, sub):
+            sock.setsockopt(zmq.LINGER, 0)
+            if self._curve is not None:
+                server, pair = self._curve
+                sock.setsockopt(zmq.CURVE_SERVERKEY, server.encode("ascii"))
+                sock.setsockopt(zmq.CURVE_PUBLICKEY, pair.public.encode("ascii"))
+                sock.setsockopt(zmq.CURVE_SECRETKEY, pair.secret.encode("ascii"))
+        # Before connect(), so the monitor sees the first handshake.
+        monitor = dealer.get_monitor_socket(_HANDSHAKE_EVENTS)
         dealer.connect(self.router)
         sub.connect(self.pub)
         self._dealer, self._sub = dealer, sub
@@ -520,7 +794,56 @@ class AsyncClient:
         self._io_tasks = [
             asyncio.create_task(self._read_replies(dealer), name="zchat-replies"),
             asyncio.create_task(self._read_events(sub), name="zchat-events"),
+            asyncio.create_task(self._watch_handshake(dealer, monitor), name="zchat-handshake"),
         ]
+
+    async def _watch_handshake(self, dealer: zmq.asyncio.Socket, monitor: zmq.asyncio.Socket) -> None:
+        """Until the DEALER's first handshake succeeds: if it fails, fail the waiting requests.
+
+        libzmq would retry a failed handshake for ever, and our hello would only time out;
+        the monitor tells at once, and why.
+        """
+        try:
+            while True:
+                message = parse_monitor_message(await monitor.recv_multipart())
+                if message["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                    return
+                error = self._handshake_error(message["event"], message["value"])
+                log.warning("%s", error)
+                for future in self._waiters.values():
+                    if not future.done():
+                        future.set_exception(error)
+                return
+        finally:
+            if not dealer.closed:
+                dealer.disable_monitor()
+            monitor.close(linger=0)
+
+    def _handshake_error(self, event: int, value: int) -> AuthenticationFailed:
+        """The error for a failed handshake, naming its likely cause."""
+        where = self.router
+        if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            mine = f" {self._curve[1].public}" if self._curve is not None else ""
+            return AuthenticationFailed(
+                AuthFailure.KEY_REFUSED, where,
+                f"the broker at {where} refused this client's key{mine} (status {value}): it is not among the "
+                "broker's authorized keys; give the broker's operator your public .key file",
+            )
+        if self._curve is None:
+            # A broker without CURVE accepts every plain handshake: this one wants security
+            # (libzmq reports a mechanism mismatch, or at times only the dropped connection).
+            why = ("it requires CURVE: give its public key (--server-key, ZCHAT_SERVER_KEY) and your secret "
+                   "key (--key, ZCHAT_KEY)")
+            return AuthenticationFailed(AuthFailure.MECHANISM_MISMATCH, where, f"the broker at {where}: {why}")
+        if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+            why = "it does not use CURVE: connect without --server-key and --key"
+            return AuthenticationFailed(AuthFailure.MECHANISM_MISMATCH, where, f"the broker at {where}: {why}")
+        # The broker dropped the handshake. A plain broker can do that too: when it closes
+        # first, the TCP reset may discard its greeting before we read the mismatch.
+        why = ("the server key given (--server-key) is most likely not this broker's public key "
+               "(or the broker does not use CURVE)")
+        return AuthenticationFailed(AuthFailure.HANDSHAKE_FAILED, where,
+                                    f"the security handshake with {where} failed: {why}")
 
     async def _close_sockets(self) -> None:
         tasks, self._io_tasks = self._io_tasks, []
@@ -561,16 +884,14 @@ class AsyncClient:
 
     async def _reconnect(self) -> None:
         """New sockets, hello with the same identity, rejoin, resubscribe and backfill."""
-        fills, self._fills = list(self._fills.values()), {}
-        await _cancel_and_wait(fills)
+        pending, self._fills, self._rekeys = [*self._fills.values(), *self._rekeys.values()], {}, {}
+        await _cancel_and_wait(pending)
         for delay in backoff():
             await self._close_sockets()
             try:
                 await self._open_session(self._wanted_nick)
                 for room in list(self.core.rooms):
-                    joined = await self._call(Joined, Join, room, wait=False)
-                    await self._subscribe(joined.topic.encode())
-                    self._deliver(self.core.open_feed(joined.room, joined.seq, 0))
+                    await self._rejoin(room)
                 self._set_state(ClientState.CONNECTED)
                 log.info("reconnected as %s", self.core.nick)
                 for key in list(self.core.feeds):
@@ -583,6 +904,32 @@ class AsyncClient:
             except (RequestTimeout, ConnectionClosed) as exc:
                 log.info("reconnection failed (%s); next try in %.1f s", exc, delay)
             await asyncio.sleep(delay)
+
+    async def _rejoin(self, room: str) -> None:
+        """Join ``room`` again after a reconnection, as private as it was; drop it if we may not.
+
+        A room we asked to be private is joined with ``private`` (so a broker that lost it
+        makes it private again). A private room we were only invited to that comes back
+        public was lost by the broker: we leave the public one rather than talk in it.
+        """
+        was_private = room in self.core.private
+        try:
+            joined = await self._call_patiently(Joined, Join, room, room in self.core.keep_private, wait=False)
+        except RequestError as exc:
+            if exc.code not in _GONE:
+                raise
+            return self._drop_room(room, f"could not rejoin: {exc.reason}")
+        if was_private and not joined.private:
+            await self._call(Left, Leave, room, wait=False)
+            return self._drop_room(room, "the private room is gone from the broker")
+        await self._subscribe(joined.topic.encode())
+        self._deliver(self.core.open_feed(joined.room, joined.seq, 0))
+
+    def _drop_room(self, room: str, why: str) -> None:
+        """Forget ``room`` and tell the application with a ``leave`` event of this session."""
+        log.warning("no longer in #%s: %s", room, why)
+        self.core.drop_room(room)
+        self._deliver([Event(EventKind.LEAVE, room, self.core.nick or "", why, time.time(), 0)])
 
     async def _heartbeat(self) -> None:
         loop = asyncio.get_running_loop()
@@ -637,12 +984,18 @@ class AsyncClient:
             if event.kind is EventKind.GOAWAY:  # the broker is stopping: reconnect (to its successor)
                 self._lose(event.text or "the broker is going away")
                 continue
+            if event.kind is EventKind.REKEY:
+                self._on_rekey(event)
+                continue
             if not self._room_for_events.is_set() and event.seq is not None and event.kind in STORED_KINDS:
                 # The application is behind: drop it here rather than stop reading (sync
                 # markers and goaway must still get through); a tick reveals the gap and a
                 # background fill fetches it once there is room again.
                 continue
+            topic = self.core.rooms.get(event.room) if event.room is not None else None
             self._deliver(self.core.accept(event))
+            if topic is not None and event.room not in self.core.rooms:
+                sub.unsubscribe(topic)  # removed from the room (kick, ban): nothing more of it
             key = DM if event.room is None else event.room
             feed = self.core.feeds.get(key)
             if feed is not None and feed.gap() is not None:

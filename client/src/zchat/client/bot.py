@@ -49,10 +49,12 @@ import signal
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from zchat.common.codes import EventKind
 from zchat.common.config import DEFAULT_PUB, DEFAULT_ROUTER
+from zchat.common.keys import KeyPair
 from zchat.common.names import nick_key
 from zchat.common.protocol import Event, Sent
 
@@ -178,10 +180,13 @@ class Bot(Handlers):
             ``retry_after``.
         max_text: longer messages are cut to this many characters (the broker's limit).
         max_handlers: events handled at once; reading waits while this many are running.
+        server_key, key: the broker's CURVE public key (or its ``.key`` file) and the bot's
+            secret key file, for a broker in secure mode (both or neither).
         help_command: register the built-in ``help`` command.
 
-    Attributes ``nick``, ``rooms``, ``router``, ``pub``, ``prefix``, ``timeout``, ``rate``
-    and ``burst`` may be changed until :meth:`start` (``zchat-bot`` does, from its options).
+    Attributes ``nick``, ``rooms``, ``router``, ``pub``, ``prefix``, ``timeout``, ``rate``,
+    ``burst``, ``server_key`` and ``key`` may be changed until :meth:`start` (``zchat-bot``
+    does, from its options).
     """
 
     def __init__(
@@ -201,12 +206,15 @@ class Bot(Handlers):
         max_text: int = 4000,
         max_handlers: int = 100,
         help_command: bool = True,
+        server_key: str | Path | None = None,
+        key: str | Path | KeyPair | None = None,
     ) -> None:
         super().__init__()
         self.nick, self.rooms = nick, list(rooms)
         self.router, self.pub, self.prefix, self.description = router, pub, prefix, description
         self.rate, self.burst, self.timeout, self.history = rate, burst, timeout, history
         self.give_up_after, self.max_text, self.max_handlers = give_up_after, max_text, max_handlers
+        self.server_key, self.key = server_key, key
         self.stats = BotStats()
         self.client: AsyncClient | None = None
         self._outbox: Outbox | None = None
@@ -298,7 +306,7 @@ class Bot(Handlers):
     async def _connect(self) -> AsyncClient:
         """A new client, connected and in the bot's rooms; closed again if that fails."""
         client = AsyncClient(self.router, self.pub, timeout=self.timeout, history=self.history,
-                             on_state=self._state_changed)
+                             on_state=self._state_changed, server_key=self.server_key, key=self.key)
         self.client = client
         try:
             welcome = await client.connect(self.nick)
@@ -413,6 +421,8 @@ class Bot(Handlers):
 
         async for event in client.events():
             self.stats.events += 1
+            if event.room in self.rooms and event.room not in client.joined:
+                self.rooms.remove(event.room)  # kicked, banned, or not let back in: not rejoined
             if self._is_own(event):
                 continue
             await slots.acquire()

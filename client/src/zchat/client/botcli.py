@@ -12,8 +12,8 @@ the environment. Options come after the bot's name (the bot's own options, like 
 greeter's ``--text``, only there); ``zchat-bot NAME --help`` lists them all.
 
 Exit status: 0 when stopped by SIGINT or SIGTERM, 1 when the broker cannot be reached or
-refuses the bot (a taken nick, a bad room name) or the bot file fails to load, 2 for bad
-options, an unknown bot or a file that defines no bot.
+refuses the bot (a taken nick, a bad room name, its CURVE key) or the bot file fails to load,
+2 for bad options (an unusable key file too), an unknown bot or a file that defines no bot.
 """
 
 from __future__ import annotations
@@ -30,9 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from zchat.common import config as c
-from zchat.common.errors import ConfigError, RequestError, RequestTimeout
+from zchat.common.errors import AuthenticationFailed, ConfigError, KeyFileError, RequestError, RequestTimeout
 
 from . import __version__
+from .aio import curve_keys
 from .bot import Bot
 from .bots import ShippedBot, shipped
 
@@ -76,7 +77,8 @@ class Target:
 
 def _defaults_of(bot: Bot) -> dict[str, Any]:
     return {"nick": bot.nick, "rooms": tuple(bot.rooms), "router": bot.router, "pub": bot.pub,
-            "timeout": bot.timeout, "rate": bot.rate, "burst": bot.burst, "prefix": bot.prefix}
+            "timeout": bot.timeout, "rate": bot.rate, "burst": bot.burst, "prefix": bot.prefix,
+            "server_key": bot.server_key, "key": bot.key}
 
 
 def _shipped_target(spec: ShippedBot) -> Target:
@@ -147,6 +149,10 @@ def common_options(defaults: Mapping[str, Any]) -> tuple[c.Option, ...]:
                  "messages the bot may send at once after a pause", "COUNT"),
         c.Option("prefix", "--prefix", ENV_BOT_PREFIX, defaults["prefix"], _parse_prefix,
                  "what starts a command", "TEXT"),
+        c.Option("server_key", "--server-key", c.ENV_SERVER_KEY, defaults.get("server_key"), c.parse_text,
+                 "the broker's CURVE public key: its .key file, or the key itself", "KEY"),
+        c.Option("key", "--key", c.ENV_KEY, defaults.get("key"), c.parse_text,
+                 "the bot's CURVE secret key file (NAME.key_secret, mode 0600)", "FILE"),
         c.Option("log_level", "--log-level", c.ENV_LOG_LEVEL, "INFO", c.parse_log_level,
                  "debug, info, warning or error", "LEVEL"),
         c.Option("log_format", "--log-format", c.ENV_LOG_FORMAT, "text", c.parse_log_format,
@@ -236,6 +242,7 @@ def configure(bot: Bot, values: Mapping[str, Any]) -> Bot:
     bot.nick, bot.rooms = values["nick"], list(values["room"])
     bot.router, bot.pub, bot.timeout = values["router"], values["pub"], values["timeout"]
     bot.rate, bot.burst, bot.prefix = values["rate"], values["burst"], values["prefix"]
+    bot.server_key, bot.key = values["server_key"], values["key"]
     return bot
 
 
@@ -262,8 +269,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = (*common_options(target.defaults), *target.options)
     try:
         values = c.resolve(options, args, os.environ, section="bot")
-    except ConfigError as exc:
+        # Read the key files now: a missing or too open one is a usage error (exit 2).
+        curve = curve_keys(values["server_key"], values["key"])
+    except (ConfigError, KeyFileError) as exc:
         parser.error(str(exc))
+    values["server_key"], values["key"] = curve if curve is not None else (None, None)
     c.setup_logging(values["log_level"], values["log_format"])
     bot = configure(target.build({opt.name: values[opt.name] for opt in target.options}), values)
     return run(bot)
@@ -273,6 +283,9 @@ def run(bot: Bot) -> int:
     """Run ``bot`` until a signal stops it; the exit status."""
     try:
         bot.run()
+    except AuthenticationFailed as exc:
+        log.error("%s", exc)
+        return EXIT_FAILED
     except RequestTimeout:
         log.error("no answer from the broker at %s within %g s", bot.router, bot.timeout)
         return EXIT_FAILED

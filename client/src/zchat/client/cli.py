@@ -22,12 +22,19 @@ from typing import Any
 
 from zchat.common import config as c
 from zchat.common.codes import ErrorCode
-from zchat.common.errors import ClientError, ConfigError, RequestError, RequestTimeout
-from zchat.common.protocol import Event, Welcome
+from zchat.common.errors import (
+    AuthenticationFailed,
+    ClientError,
+    ConfigError,
+    KeyFileError,
+    RequestError,
+    RequestTimeout,
+)
+from zchat.common.protocol import Event, Joined, Moderated, Welcome
 
 from . import __version__
-from .aio import AsyncClient, ClientState
-from .render import dumps, event_to_json, format_event, format_members, format_rooms
+from .aio import AsyncClient, ClientState, curve_keys
+from .render import dumps, event_to_json, format_event, format_members, format_rooms, mark_ops
 
 OPTIONS = (
     c.Option("router", "--router", c.ENV_ROUTER, c.DEFAULT_ROUTER, c.parse_endpoint,
@@ -42,10 +49,16 @@ OPTIONS = (
              "seconds to wait for each reply from the broker", "SECONDS"),
     c.Option("history", "--history", c.ENV_HISTORY, 50, c.parse_non_negative_int,
              "past messages shown when joining a room", "COUNT"),
+    c.Option("server_key", "--server-key", c.ENV_SERVER_KEY, None, c.parse_text,
+             "the broker's CURVE public key: its .key file, or the key itself (with --key: encrypted "
+             "and authenticated)", "KEY"),
+    c.Option("key", "--key", c.ENV_KEY, None, c.parse_text,
+             "your CURVE secret key file (NAME.key_secret from zchat-keygen, mode 0600)", "FILE"),
 )
 
 HELP = """commands:
   /join ROOM         join ROOM and make it the current room
+  /create ROOM       create the private (invite-only) room ROOM and join it (= /join -p ROOM)
   /leave [ROOM]      leave ROOM (default: the current room)
   /msg NICK TEXT     send TEXT privately to NICK
   /me TEXT           an action in the current room
@@ -53,6 +66,12 @@ HELP = """commands:
   /rooms             every room, with member counts
   /nick NEW          change your nick
   /history [N]       the last N messages of the current room (default 20)
+  /topic TEXT        set the current room's topic (/topic -delete clears it)
+private rooms, for their operators (in the current room):
+  /invite NICK [ROOM]  let NICK in (and tell them)
+  /kick NICK [REASON]  put NICK out; /ban NICK [REASON] also keeps them out
+  /unban NICK        lift NICK's ban (invite them to let them back)
+  /op NICK, /deop NICK  give or take operator status
   /quit, exit        leave zchat
   //TEXT             send TEXT starting with a slash
 anything else is sent to the current room"""
@@ -64,6 +83,56 @@ class Command:
 
     name: str
     arg: str
+
+
+#: Moderation commands and their usage (``invite`` takes a room, ``kick``/``ban`` a reason).
+MODERATION_USAGE = {
+    "invite": "/invite NICK [ROOM]", "kick": "/kick NICK [REASON]", "ban": "/ban NICK [REASON]",
+    "unban": "/unban NICK", "op": "/op NICK", "deop": "/deop NICK",
+}  # fmt: skip
+
+#: What ``/topic`` takes to clear the topic (as irssi's ``/topic -delete``).
+CLEAR_TOPIC = "-delete"
+
+#: Past tenses for the confirmation of a moderation command.
+_DONE = {"invite": "invited", "kick": "kicked", "ban": "banned", "unban": "unbanned", "op": "opped", "deop": "deopped"}
+
+
+def parse_join(arg: str) -> tuple[str, bool] | None:
+    """``/join`` arguments: the room, and whether ``-p`` asks for a private room; None if bad."""
+    words = arg.split()
+    rooms = [w for w in words if w not in ("-p", "--private")]
+    return (rooms[0], len(rooms) < len(words)) if len(rooms) == 1 else None
+
+
+def parse_moderation(name: str, arg: str) -> tuple[str, str] | None:
+    """A moderation command's target nick and the rest (a reason, or for invite a room).
+
+    None when the nick is missing or words are left over where none are taken.
+    """
+    nick, _, rest = arg.strip().partition(" ")
+    rest = rest.strip()
+    if not nick or (rest and name not in ("kick", "ban", "invite")) or (name == "invite" and " " in rest):
+        return None
+    return nick, rest
+
+
+def moderate(client: AsyncClient, name: str, room: str, nick: str, reason: str = "") -> Awaitable[Moderated]:
+    """Run the moderation command ``name`` (a key of :data:`MODERATION_USAGE`) on ``nick``."""
+    if name == "kick":
+        return client.kick(room, nick, reason)
+    if name == "ban":
+        return client.ban(room, nick, reason)
+    calls = {"invite": client.invite, "unban": client.unban, "op": client.op, "deop": client.deop}
+    return calls[name](room, nick)
+
+
+def describe_joined(joined: Joined) -> str:
+    """``joined #room (private, 2 here: @alice, bob)``, then the room's topic if it has one."""
+    kind = "private, " if joined.private else ""
+    members = ", ".join(mark_ops(joined.members, joined.ops))
+    topic = f"; topic: {joined.subject}" if joined.subject else ""
+    return f"joined #{joined.room} ({kind}{len(joined.members)} here: {members}){topic}"
 
 
 def parse_line(line: str) -> Command | None:
@@ -125,6 +194,7 @@ class Chat:
         self._commands: dict[str, Callable[[str], Awaitable[None]]] = {
             "say": self._say,
             "join": self._join,
+            "create": self._create,
             "leave": self._leave,
             "part": self._leave,
             "msg": self._msg,
@@ -134,7 +204,9 @@ class Chat:
             "rooms": self._rooms,
             "nick": self._nick,
             "history": self._history,
+            "topic": self._topic,
             "help": self._help,
+            **{name: self._moderation(name) for name in MODERATION_USAGE},
         }
 
     async def run(self, line: str) -> bool:
@@ -166,6 +238,10 @@ class Chat:
         self._fail("usage", f"usage: {text}")
 
     def _current_room(self) -> str | None:
+        if self.room is not None and self.room not in self.client.joined:  # kicked or banned
+            self._fail(ErrorCode.NOT_MEMBER.value, f"you are no longer in #{self.room}: /join a room")
+            self.room = None
+            return None
         if self.room is None:
             self._fail(ErrorCode.NOT_MEMBER.value, "you are in no room: /join one first")
         return self.room
@@ -180,15 +256,41 @@ class Chat:
         if (room := self._current_room()) is not None:
             await self.client.say(room, text, action=True)
 
-    async def _join(self, arg: str) -> None:
-        if not arg:
-            return self._usage("/join ROOM")
-        joined = await self.client.join(arg)
+    async def _join(self, arg: str, *, private: bool = False) -> None:
+        parsed = parse_join(arg)
+        if parsed is None:
+            return self._usage("/create ROOM" if private else "/join [-p] ROOM")
+        joined = await self.client.join(parsed[0], private=private or parsed[1])
         self.room = joined.room
-        self.out.info(
-            f"-- joined #{joined.room} ({len(joined.members)} here: {', '.join(joined.members)})",
-            {"kind": "joined", "room": joined.room, "members": list(joined.members)},
-        )
+        obj = {"kind": "joined", "room": joined.room, "members": list(joined.members), "private": joined.private,
+               "subject": joined.subject, "ops": list(joined.ops)}
+        self.out.info(f"-- {describe_joined(joined)}", obj)
+
+    async def _create(self, arg: str) -> None:
+        await self._join(arg, private=True)
+
+    def _moderation(self, name: str) -> Callable[[str], Awaitable[None]]:
+        async def run(arg: str) -> None:
+            parsed = parse_moderation(name, arg)
+            if parsed is None:
+                return self._usage(MODERATION_USAGE[name])
+            nick, rest = parsed
+            room = rest.lstrip("#") if name == "invite" and rest else self._current_room()
+            if room is None:
+                return
+            done = await moderate(self.client, name, room, nick, rest)
+            obj = {"kind": "moderated", "room": done.room, "action": done.action, "nick": done.nick}
+            self.out.info(f"-- {_DONE[name]} {done.nick or nick} in #{done.room}", obj)
+
+        return run
+
+    async def _topic(self, arg: str) -> None:
+        if not arg:
+            return self._usage(f"/topic TEXT (or /topic {CLEAR_TOPIC} to clear it)")
+        if (room := self._current_room()) is None:
+            return
+        done = await self.client.topic(room, "" if arg == CLEAR_TOPIC else arg)
+        self.out.info(f"-- topic of #{done.room} set", {"kind": "moderated", "room": done.room, "action": "topic"})
 
     async def _leave(self, arg: str) -> None:
         room = arg or self._current_room()
@@ -209,13 +311,13 @@ class Chat:
         room = arg or self._current_room()
         if room is None:
             return
-        members = await self.client.who(room)
-        name = room.lstrip("#")
-        self.out.info(format_members(name, members), {"kind": "members", "room": name, "members": members})
+        reply = await self.client.members(room)
+        obj = {"kind": "members", "room": reply.room, "members": list(reply.members), "ops": list(reply.ops)}
+        self.out.info(format_members(reply.room, reply.members, reply.ops), obj)
 
     async def _rooms(self, arg: str) -> None:
         rooms = await self.client.rooms()
-        obj = {"kind": "rooms", "rooms": [{"room": r.name, "members": r.members} for r in rooms]}
+        obj = {"kind": "rooms", "rooms": [{"room": r.name, "members": r.members, "private": r.private} for r in rooms]}
         self.out.info(format_rooms(rooms), obj)
 
     async def _nick(self, arg: str) -> None:
@@ -318,9 +420,14 @@ async def amain(values: dict[str, Any], *, json_mode: bool, tty: bool) -> int:
         # A line waits for its acknowledgement through reconnects, but not for ever.
         send_timeout=values["timeout"] * 6,
         on_state=_state_reporter(out),
+        server_key=values["server_key"],
+        key=values["key"],
     )
     try:
         return await line_mode(client, values, out)
+    except AuthenticationFailed as exc:
+        out.error(exc.failure.value, str(exc))
+        return 1
     except RequestTimeout:
         out.error("unreachable", f"no answer from the broker at {values['router']} within {values['timeout']:g} s")
         return 1
@@ -339,8 +446,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         values = c.resolve(OPTIONS, args, os.environ, section="client")
-    except ConfigError as exc:
+        # Read the key files now: a missing or too open one is a usage error (exit 2).
+        curve = curve_keys(values["server_key"], values["key"])
+    except (ConfigError, KeyFileError) as exc:
         parser.error(str(exc))
+    values["server_key"], values["key"] = curve if curve is not None else (None, None)
     # The user sees connection trouble as status lines; library warnings only with the env set.
     c.setup_logging(c.parse_log_level(os.environ.get(c.ENV_LOG_LEVEL, "error")))
     tty = sys.stdin.isatty() and sys.stdout.isatty() and not args.plain and not args.json

@@ -6,18 +6,25 @@ core decodes, keeps the session's state (nick, private topic, rooms and their to
 puts every sequenced event through a :class:`Feed`, which delivers each message exactly once
 and in sequence order, holding early ones back and saying which ranges to fetch. It opens
 no socket.
+
+Private rooms move to a new topic whenever someone is removed from them (``rekey``):
+:meth:`ClientCore.rekey` says which subscription to swap for which, the front end swaps
+them, and :meth:`ClientCore.rekeyed` records the move; the room's feed then fills whatever
+the swap missed from history. A ``kick`` or ``ban`` of this session drops the room.
 """
 
 from __future__ import annotations
 
 import itertools
 import secrets
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
 from zchat.common.codec import decode_event, decode_reply, encode
 from zchat.common.codes import ErrorCode, EventKind
 from zchat.common.errors import ProtocolError, RequestError
+from zchat.common.names import nick_key
 from zchat.common.protocol import (
     STORED_KINDS,
     ErrorReply,
@@ -26,15 +33,23 @@ from zchat.common.protocol import (
     HistoryPage,
     Joined,
     Left,
+    Moderate,
     NickChanged,
     Reply,
     Request,
     Welcome,
 )
-from zchat.common.topics import sync_subscription
+from zchat.common.topics import PRIVATE_ROOM_PREFIX, sync_subscription
 
 #: The feed key of this client's DM inbox (rooms use their name).
 DM = "@dm"
+
+#: Events that remove their ``nick`` from the room: for this session, the room is gone.
+REMOVALS = frozenset({EventKind.KICK, EventKind.BAN})
+
+#: Events the broker may publish on two topics a session hears (a room's and its private
+#: one): delivered once, by id.
+_TWICE = frozenset({EventKind.INVITE, EventKind.KICK, EventKind.BAN})
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +59,19 @@ class Outgoing:
     rid: int
     frame: bytes
     kind: str
+
+
+@dataclass(frozen=True, slots=True)
+class Rekey:
+    """A private room's move to a new topic: subscribe to ``new``, then drop ``old``.
+
+    ``seq`` is the room's last seq published on the old topic.
+    """
+
+    room: str
+    old: bytes
+    new: bytes
+    seq: int
 
 
 class Feed:
@@ -124,6 +152,10 @@ class ClientCore:
         nick: the session's nick once welcomed, else None.
         topic: the session's private topic once welcomed, else None.
         rooms: room name -> room topic, for every room joined.
+        private: the rooms joined that are private (invite-only).
+        keep_private: the rooms this client asked to be private (``join`` with ``private``):
+            after a reconnect they are joined with ``private`` again, so a broker that lost
+            them re-creates them private, never public.
         feeds: feed key (room name, or :data:`DM`) -> its :class:`Feed`.
         heartbeat, session_timeout, motd, max_page: from the welcome.
     """
@@ -134,6 +166,9 @@ class ClientCore:
         self.nick: str | None = None
         self.topic: bytes | None = None
         self.rooms: dict[str, bytes] = {}
+        self.private: set[str] = set()
+        self.keep_private: set[str] = set()
+        self._recent: deque[int] = deque(maxlen=64)  # ids of _TWICE events delivered
         self.feeds: dict[str, Feed] = {}
         self.heartbeat = 5.0
         self.session_timeout = 15.0
@@ -143,9 +178,18 @@ class ClientCore:
         self.epoch: int | None = None  # the broker's history epoch (Welcome.epoch)
 
     def request(self, cls: type[Request], *args: Any, **kwargs: Any) -> Outgoing:
-        """Build and encode a request of type ``cls`` with a fresh request id."""
+        """Build and encode a request of type ``cls`` with a fresh request id.
+
+        ``args`` are the fields after ``rid``; for :class:`Moderate`, whose kind varies, the
+        first is its kind (``request(Moderate, RequestKind.KICK, room, nick)``).
+        """
         rid = next(self._rids)
-        return Outgoing(rid, encode(cls(rid, *args, **kwargs)), cls.KIND.value)
+        if issubclass(cls, Moderate):
+            kind, *rest = args
+            msg: Request = cls(kind, rid, *rest, **kwargs)
+        else:
+            msg = cls(rid, *args, **kwargs)
+        return Outgoing(rid, encode(msg), request_kind(msg))
 
     @staticmethod
     def new_cmid() -> str:
@@ -171,10 +215,13 @@ class ClientCore:
             self.feeds.setdefault(DM, Feed(reply.dm_seq)).note(reply.dm_seq)
         elif type(reply) is Joined:
             self.rooms[reply.room] = reply.topic.encode()
+            if reply.private:
+                self.private.add(reply.room)
+            else:
+                self.private.discard(reply.room)
             self.feeds.setdefault(reply.room, Feed(None)).note(reply.seq)
         elif type(reply) is Left:
-            self.rooms.pop(reply.room, None)
-            self.feeds.pop(reply.room, None)
+            self.drop_room(reply.room)
         elif type(reply) is NickChanged:
             self.nick = reply.nick
         elif type(reply) is Goodbye:
@@ -202,11 +249,38 @@ class ClientCore:
             raise ProtocolError(ErrorCode.BAD_FRAMES, f"a publication is 2 frames, not {len(frames)}")
         return decode_event(frames[1])
 
+    def drop_room(self, room: str) -> None:
+        """Forget ``room``: left, or removed from it."""
+        self.rooms.pop(room, None)
+        self.feeds.pop(room, None)
+        self.private.discard(room)
+        self.keep_private.discard(room)
+
+    def is_me(self, nick: str | None) -> bool:
+        """Whether ``nick`` is this session's nick (compared as the broker does)."""
+        return nick is not None and self.nick is not None and nick_key(nick) == nick_key(self.nick)
+
     def accept(self, event: Event) -> list[Event]:
-        """What the application should see of ``event``: it, nothing, or held-back events."""
+        """What the application should see of ``event``: it, nothing, or held-back events.
+
+        A ``kick`` or ``ban`` of this session drops the room (the front end then unsubscribes
+        its topic); an ``invite`` of this session is delivered though its room is not joined.
+        ``rekey`` is not for the application: see :meth:`rekey`.
+        """
         key = DM if event.room is None else event.room
+        if event.kind is EventKind.REKEY:
+            return []
+        if event.kind in _TWICE:
+            if event.id in self._recent:
+                return []
+            self._recent.append(event.id)
+        if event.kind is EventKind.INVITE and event.room not in self.rooms and self.is_me(event.nick):
+            return [event]
         if event.room is not None and event.room not in self.rooms:
             return []  # in flight when we left
+        if event.kind in REMOVALS and event.room is not None and self.is_me(event.nick):
+            self.drop_room(event.room)
+            return [event]
         if event.kind is EventKind.TICK:
             feed = self.feeds.get(key)
             if feed is not None and event.seq is not None:
@@ -233,6 +307,33 @@ class ClientCore:
             out += feed.offer(event)
         return out
 
+    def rekey(self, event: Event) -> Rekey | None:
+        """The move a ``rekey`` event asks for, or None if there is nothing to do.
+
+        Nothing to do: the room is not joined (left, or removed meanwhile), its topic is
+        already the new one (a join or reconnect got it first), or the text is not a private
+        room's topic. The room's feed learns the seq published on the old topic, so what
+        was missed on it is fetched.
+        """
+        room = event.room
+        old = self.rooms.get(room) if room is not None else None
+        new = event.text.encode()
+        if room is None or old is None or old == new or not new.startswith(PRIVATE_ROOM_PREFIX):
+            return None
+        feed = self.feeds.get(room)
+        if feed is not None and event.seq is not None:
+            feed.note(event.seq)
+        return Rekey(room, old, new, event.seq or 0)
+
+    def rekeyed(self, move: Rekey) -> bool:
+        """Record that ``move`` is done (the new topic is in force); False if it no longer
+        applies (the room was left, or its topic changed meanwhile), so the subscription to
+        the new topic is not wanted."""
+        if self.rooms.get(move.room) != move.old:
+            return False
+        self.rooms[move.room] = move.new
+        return True
+
     def new_sync(self) -> tuple[str, bytes]:
         """A fresh nonce and the subscription that asks the broker to echo it.
 
@@ -251,6 +352,15 @@ class ClientCore:
         self.topic = None
         self.rooms.clear()
         self.feeds.clear()
+        self.private.clear()
+        self.keep_private.clear()
+
+
+def request_kind(request: Request) -> str:
+    """The wire kind of ``request`` (``Moderate`` carries its own)."""
+    if isinstance(request, Moderate):
+        return request.kind.value
+    return request.KIND.value
 
 
 def raise_for_error(reply: Reply) -> Reply:

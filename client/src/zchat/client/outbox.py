@@ -3,8 +3,10 @@
 * :class:`TokenBucket` says how long a message must wait; it is pure (the caller passes
   the time).
 * :class:`Outbox` is the one task that sends: messages leave in order, at most ``rate`` a
-  second after a ``burst``, and a refusal that carries ``retry_after`` (the broker's store
-  is full, or it asks the bot to slow down) is waited out and sent again.
+  second after a ``burst``, and a refusal that carries ``retry_after`` (``unavailable``: the
+  broker's store is full; ``rate_limited``: the bot is over the broker's flood limits) is
+  waited out and sent again. After ``rate_limited`` the bucket is emptied too, so the bot
+  does not burst straight back into the limit.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from zchat.common.codes import ErrorCode
 from zchat.common.errors import ConnectionClosed, RequestError
 from zchat.common.protocol import Sent
 
@@ -41,6 +44,11 @@ class TokenBucket:
         self._tokens -= 1
         return 0.0 if self._tokens >= 0 else -self._tokens / self.rate
 
+    def drain(self, now: float) -> None:
+        """Spend every token (the far side said slow down): what follows goes at ``rate``."""
+        self._stamp = max(now, self._stamp)
+        self._tokens = min(self._tokens, 0.0)  # reservations already made stay made
+
 
 @dataclass
 class BotStats:
@@ -52,6 +60,7 @@ class BotStats:
     sent: int = 0  # messages acknowledged by the broker
     throttled: int = 0  # messages delayed by the rate limit
     retries: int = 0  # resends after a refusal with retry_after
+    rate_limited: int = 0  # refusals for going over the broker's flood limits
     failed: int = 0  # messages given up on
 
 
@@ -177,6 +186,9 @@ class Outbox:
             try:
                 return await self._send(item)
             except RequestError as exc:
+                if exc.code is ErrorCode.RATE_LIMITED:
+                    self.stats.rate_limited += 1
+                    self.bucket.drain(self._loop.time())
                 if exc.retry_after is None or self._loop.time() + exc.retry_after > deadline:
                     raise
                 self.stats.retries += 1

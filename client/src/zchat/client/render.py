@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from zchat.common.codes import EventKind
+from zchat.common.names import nick_key
 from zchat.common.protocol import Event, RoomInfo
 
 
@@ -57,16 +59,51 @@ def format_event(event: Event, me: str | None, *, one_line: bool = True) -> str:
     elif kind is EventKind.DM:
         outgoing = event.sender == me and event.to != me
         body = f"-> *{event.to}* {text}" if outgoing else f"*{event.sender}* {text}"
+    elif kind in MODERATION_EVENTS:
+        body = f"{where} * {describe_moderation(event, me)}"
     else:
         body = f"-- {kind.value} {text}"
     return f"{_clock(event.ts)} {body}"
 
 
-def format_members(room: str, members: list[str]) -> str:
-    return f"-- #{room}: {len(members)} here: {', '.join(members)}"
+#: Event kinds of private rooms and moderation, shown by :func:`describe_moderation`.
+MODERATION_EVENTS = frozenset({
+    EventKind.INVITE, EventKind.KICK, EventKind.BAN, EventKind.UNBAN, EventKind.OP, EventKind.DEOP, EventKind.TOPIC,
+})  # fmt: skip
+
+
+def describe_moderation(event: Event, me: str | None) -> str:
+    """``alice kicked bob (spam)``: a moderation event in words (the room is not named).
+
+    An invitation of ``me`` says how to accept it.
+    """
+    who, nick, why = event.sender, event.nick or "?", f" ({event.text})" if event.text else ""
+    kind = event.kind
+    if kind is EventKind.INVITE and me is not None and nick_key(nick) == nick_key(me):
+        return f"{who} invites you to #{event.room} (/join {event.room})"
+    if kind is EventKind.TOPIC:
+        return f"{who} set the topic: {event.text}" if event.text else f"{who} cleared the topic"
+    templates = {
+        EventKind.INVITE: "{who} invited {nick}", EventKind.KICK: "{who} kicked {nick}{why}",
+        EventKind.BAN: "{who} banned {nick}{why}", EventKind.UNBAN: "{who} unbanned {nick}",
+        EventKind.OP: "{who} made {nick} an operator", EventKind.DEOP: "{who} took operator status from {nick}",
+    }  # fmt: skip
+    return templates.get(kind, "{who} {kind} {nick}{why}").format(who=who, nick=nick, why=why, kind=kind.value)
+
+
+def format_members(room: str, members: Iterable[str], ops: Iterable[str] = ()) -> str:
+    """``-- #room: 2 here: @alice, bob``: operators marked with ``@``."""
+    names = mark_ops(members, ops)
+    return f"-- #{room}: {len(names)} here: {', '.join(names)}"
+
+
+def mark_ops(members: Iterable[str], ops: Iterable[str]) -> list[str]:
+    """``members`` with an ``@`` before each operator's nick, as IRC shows them."""
+    op_keys = {nick_key(nick) for nick in ops}
+    return [("@" + nick if nick_key(nick) in op_keys else nick) for nick in members]
 
 
 def format_rooms(rooms: list[RoomInfo]) -> str:
     if not rooms:
         return "-- no rooms"
-    return "-- rooms: " + ", ".join(f"#{r.name} ({r.members})" for r in rooms)
+    return "-- rooms: " + ", ".join(f"#{r.name} ({r.members}{', private' if r.private else ''})" for r in rooms)

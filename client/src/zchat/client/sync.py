@@ -10,14 +10,16 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
 from zchat.common.config import DEFAULT_PUB, DEFAULT_ROUTER
 from zchat.common.errors import ConnectionClosed
-from zchat.common.protocol import Event, Joined, RoomInfo, Sent, Welcome
+from zchat.common.keys import KeyPair
+from zchat.common.protocol import Event, Joined, Members, Moderated, RoomInfo, Sent, Welcome
 
-from .aio import AsyncClient, ClientState
+from .aio import AsyncClient, ClientState, curve_keys
 
 T = TypeVar("T")
 
@@ -36,7 +38,10 @@ class Client:
         client_id: str | None = None,
         on_state: Callable[[ClientState], None] | None = None,
         max_queued_events: int = 10_000,
+        server_key: str | Path | None = None,
+        key: str | Path | KeyPair | None = None,
     ) -> None:
+        curve = curve_keys(server_key, key)  # before the thread starts: bad keys raise here
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="zchat-client", daemon=True)
         self._thread.start()
@@ -51,6 +56,8 @@ class Client:
                 client_id=client_id,
                 on_state=on_state,
                 max_queued_events=max_queued_events,
+                server_key=curve[0] if curve is not None else None,
+                key=curve[1] if curve is not None else None,
             )
 
         self._client = self._run(make())
@@ -88,8 +95,8 @@ class Client:
     def connect(self, nick: str) -> Welcome:
         return self._run(self._client.connect(nick))
 
-    def join(self, room: str, *, history: int | None = None) -> Joined:
-        return self._run(self._client.join(room, history=history))
+    def join(self, room: str, *, private: bool = False, history: int | None = None) -> Joined:
+        return self._run(self._client.join(room, private=private, history=history))
 
     def leave(self, room: str) -> None:
         self._run(self._client.leave(room))
@@ -107,6 +114,30 @@ class Client:
 
     def who(self, room: str) -> list[str]:
         return self._run(self._client.who(room))
+
+    def members(self, room: str) -> Members:
+        return self._run(self._client.members(room))
+
+    def invite(self, room: str, nick: str) -> Moderated:
+        return self._run(self._client.invite(room, nick))
+
+    def kick(self, room: str, nick: str, reason: str = "") -> Moderated:
+        return self._run(self._client.kick(room, nick, reason))
+
+    def ban(self, room: str, nick: str, reason: str = "") -> Moderated:
+        return self._run(self._client.ban(room, nick, reason))
+
+    def unban(self, room: str, nick: str) -> Moderated:
+        return self._run(self._client.unban(room, nick))
+
+    def op(self, room: str, nick: str) -> Moderated:
+        return self._run(self._client.op(room, nick))
+
+    def deop(self, room: str, nick: str) -> Moderated:
+        return self._run(self._client.deop(room, nick))
+
+    def topic(self, room: str, text: str) -> Moderated:
+        return self._run(self._client.topic(room, text))
 
     def rooms(self) -> list[RoomInfo]:
         return self._run(self._client.rooms())

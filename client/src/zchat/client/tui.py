@@ -34,6 +34,7 @@ from textual.widgets import Footer, Input, OptionList, Static
 
 from zchat.common.codes import ErrorCode
 from zchat.common.errors import ClientError, ProtocolError, RequestError, RequestTimeout
+from zchat.common.keys import KeyPair
 from zchat.common.protocol import Event
 
 from .aio import AsyncClient, ClientState
@@ -60,11 +61,14 @@ class Settings:
     room: str = "general"
     timeout: float = 5.0
     history: int = 50
+    #: CURVE: the broker's public key and this client's key pair (or their files).
+    server_key: str | None = None
+    key: KeyPair | str | None = None
 
     @classmethod
     def from_values(cls, values: dict[str, Any]) -> Settings:
         keys = ("router", "pub", "nick", "room", "timeout", "history")
-        return cls(**{key: values[key] for key in keys})
+        return cls(**{key: values[key] for key in keys}, server_key=values.get("server_key"), key=values.get("key"))
 
 
 class ChatApp(App[None]):
@@ -101,6 +105,8 @@ class ChatApp(App[None]):
             history=settings.history,
             send_timeout=settings.timeout * 6,  # a line waits through reconnects, not for ever
             on_state=self._on_state,
+            server_key=settings.server_key,
+            key=settings.key,
         )
         self.convs = Conversations()
         self.commands = Commands(self)
@@ -147,15 +153,20 @@ class ChatApp(App[None]):
         self.query_one(MemberList).show(self.current)
         text, colour = _STATE_TEXT[self.client.state]
         nick = self.client.current_nick or self.settings.nick or "?"
-        status = Text.assemble(render_nick(nick), " │ ", self.current.title, " │ ", (text, colour), " │ /help")
+        conv = self.current
+        status = Text.assemble(render_nick(nick), " │ ", conv.title, " │ ", (text, colour), " │ /help")
+        if conv.subject:
+            status.append(" │ topic: " + conv.subject)
         self.query_one("#status", Static).update(status)
+        header = conv.title + (" (private)" if conv.private else "") + (f" — {conv.subject}" if conv.subject else "")
+        self.query_one("#panes").border_title = header if conv.room else ""
 
     # -- panes ---------------------------------------------------------------------------------
 
     def pane(self, conv: Conversation) -> ChatLog:
         log = self._logs.get(conv.key)
         if log is None:
-            log = self._logs[conv.key] = ChatLog(conv, id=f"pane-{next(self._pane_ids)}")
+            log = self._logs[conv.key] = ChatLog(conv, id=f"pane-{next(self._pane_ids)}", me=self._me)
             log.display = conv.key == self.current_key
             self.query_one("#panes").mount(log)
         return log
@@ -194,6 +205,9 @@ class ChatApp(App[None]):
 
     def quit(self) -> None:
         self.exit()
+
+    def _me(self) -> str | None:
+        return self.client.current_nick
 
     def _completion_nicks(self) -> list[str]:
         conv = self.current

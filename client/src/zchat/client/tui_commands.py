@@ -15,12 +15,13 @@ from zchat.common.names import normalize_room
 from zchat.common.protocol import Event
 
 from .aio import AsyncClient
-from .cli import parse_line
+from .cli import CLEAR_TOPIC, MODERATION_USAGE, describe_joined, moderate, parse_join, parse_line, parse_moderation
 from .render import format_members, format_rooms
 from .tui_state import Conversation, Conversations, Note, dm_key, room_key
 
 HELP = """commands:
   /join ROOM         join ROOM and show it
+  /create ROOM       create the private (invite-only) room ROOM and join it (= /join -p ROOM)
   /leave [ROOM]      leave ROOM (default: the one shown)
   /msg NICK [TEXT]   open a private conversation with NICK (and send TEXT)
   /me TEXT           an action here
@@ -28,7 +29,12 @@ HELP = """commands:
   /rooms             every room, with member counts
   /nick NEW          change your nick
   /history [N]       N older messages of this pane (default 50)
-  /topic             (rooms have no topics on this broker yet)
+  /topic [TEXT]      show or set this room's topic (/topic -delete clears it)
+private rooms, for their operators (in the room shown):
+  /invite NICK [ROOM]  let NICK in (and tell them)
+  /kick NICK [REASON]  put NICK out; /ban NICK [REASON] also keeps them out
+  /unban NICK        lift NICK's ban (invite them to let them back)
+  /op NICK, /deop NICK  give or take operator status (operators have an @)
   /quit, exit        leave zchat
   //TEXT             send TEXT starting with a slash
 keys: Ctrl+N / Ctrl+P or Alt+1..9 switch panes, PageUp/PageDown scroll (PageUp at the top
@@ -72,6 +78,7 @@ class Commands:
             "say": self._say,
             "me": self._me,
             "join": self._join,
+            "create": self._create,
             "leave": self._leave,
             "part": self._leave,
             "msg": self._msg,
@@ -83,6 +90,7 @@ class Commands:
             "history": self._history,
             "topic": self._topic,
             "help": self._help,
+            **{name: self._moderation(name) for name in MODERATION_USAGE},
         }
 
     async def run(self, line: str) -> bool:
@@ -138,9 +146,11 @@ class Commands:
 
     # -- rooms -------------------------------------------------------------------------------
 
-    async def _join(self, arg: str) -> None:
-        if not arg:
-            return self._error("usage: /join ROOM")
+    async def _join(self, arg: str, *, private: bool = False) -> None:
+        parsed = parse_join(arg)
+        if parsed is None:
+            return self._error("usage: /create ROOM" if private else "usage: /join [-p] ROOM")
+        arg, private = parsed[0], private or parsed[1]
         try:
             name: str | None = normalize_room(arg)
         except ProtocolError:
@@ -151,13 +161,20 @@ class Commands:
         if name is not None and fresh:  # the note goes first: the room's history follows it
             self.view.note(f"you joined #{name}", conv=self.view.convs.room(name))
         try:
-            joined = await self.client.join(arg)
+            joined = await self.client.join(arg, private=private)
         except BaseException:
             if name is not None and fresh:
                 self.view.drop(room_key(name))
             raise
-        self.view.convs.room(joined.room).set_members(joined.members)
+        conv = self.view.convs.room(joined.room)
+        conv.set_members(joined.members, joined.ops)
+        conv.subject, conv.private = joined.subject, joined.private
+        if joined.private or joined.subject:
+            self.view.note(describe_joined(joined), conv=conv)
         self.view.show(room_key(joined.room))
+
+    async def _create(self, arg: str) -> None:
+        await self._join(arg, private=True)
 
     async def _leave(self, arg: str) -> None:
         room = arg.lstrip("#") if arg else self.view.current.room
@@ -171,18 +188,37 @@ class Commands:
         room = arg.lstrip("#") if arg else self.view.current.room
         if not room:
             return self._error("usage: /who ROOM (this pane is not a room)")
-        members = await self.client.who(room)
-        conv = self.view.convs.by_key.get(room_key(normalize_room(room)))
+        reply = await self.client.members(room)
+        conv = self.view.convs.by_key.get(room_key(reply.room))
         if conv is not None:
-            conv.set_members(members)
+            conv.set_members(reply.members, reply.ops)
             self.view.refresh_panels()
-        self._note(format_members(normalize_room(room), members).removeprefix("-- "))
+        self._note(format_members(reply.room, reply.members, reply.ops).removeprefix("-- "))
 
     async def _rooms(self, arg: str) -> None:
         self._note(format_rooms(await self.client.rooms()).removeprefix("-- "))
 
     async def _topic(self, arg: str) -> None:
-        self._note("this broker has no room topics yet")
+        conv = self.view.current
+        if conv.room is None:
+            return self._error("/topic works in a room's pane")
+        if not arg:
+            return self._note(f"{conv.title}'s topic: {conv.subject}" if conv.subject else f"{conv.title} has no topic")
+        await self.client.topic(conv.room, "" if arg == CLEAR_TOPIC else arg)
+
+    def _moderation(self, name: str) -> Callable[[str], Awaitable[None]]:
+        async def run(arg: str) -> None:
+            parsed = parse_moderation(name, arg)
+            if parsed is None:
+                return self._error(f"usage: {MODERATION_USAGE[name]}")
+            nick, rest = parsed
+            room = rest.lstrip("#") if name == "invite" and rest else self.view.current.room
+            if room is None:
+                return self._error(f"{MODERATION_USAGE[name]} works in a room's pane (or name the room)")
+            done = await moderate(self.client, name, room, nick, rest)
+            self._note(f"done: {name} {done.nick or nick} in #{done.room}")
+
+        return run
 
     # -- you ---------------------------------------------------------------------------------
 

@@ -35,8 +35,15 @@ UNREAD_KINDS = frozenset({EventKind.MESSAGE, EventKind.ACTION, EventKind.DM})
 
 #: Commands offered by tab completion (the TUI's own and those of the line mode).
 COMMANDS = (
-    "/help", "/history", "/join", "/leave", "/me", "/msg", "/nick", "/quit", "/rooms", "/topic", "/who",
+    "/ban", "/create", "/deop", "/help", "/history", "/invite", "/join", "/kick", "/leave", "/me", "/msg",
+    "/nick", "/op", "/quit", "/rooms", "/topic", "/unban", "/who",
 )  # fmt: skip
+
+#: Room events that change who is in a room, who operates it, or its topic.
+ROOM_KINDS = frozenset({
+    EventKind.JOIN, EventKind.LEAVE, EventKind.NICK, EventKind.INVITE, EventKind.KICK, EventKind.BAN,
+    EventKind.UNBAN, EventKind.OP, EventKind.DEOP, EventKind.TOPIC,
+})  # fmt: skip
 
 
 def nick_colour(nick: str) -> str:
@@ -80,6 +87,9 @@ class Conversation:
     lines: list[Line] = field(default_factory=list)
     unread: int = 0
     members: dict[str, str] = field(default_factory=dict)  # nick key -> nick as shown
+    ops: set[str] = field(default_factory=set)  # nick keys of the room's operators
+    subject: str = ""  # the room's topic line
+    private: bool = False  # an invite-only room
     exhausted: bool = False  # scrolled back to the first stored message
 
     @property
@@ -92,8 +102,14 @@ class Conversation:
         """The seq of the oldest stored message shown here (None if none is)."""
         return min((line.seq for line in self.lines if isinstance(line, Event) and line.seq is not None), default=None)
 
-    def set_members(self, nicks: Iterable[str]) -> None:
+    def set_members(self, nicks: Iterable[str], ops: Iterable[str] | None = None) -> None:
+        """The room's members (and operators, when known)."""
         self.members = {nick_key(n): n for n in nicks}
+        if ops is not None:
+            self.ops = {nick_key(n) for n in ops}
+
+    def is_op(self, nick: str) -> bool:
+        return nick_key(nick) in self.ops
 
     def prepend(self, events: Iterable[Event]) -> list[Event]:
         """Put older ``events`` before the scrollback; return those not already shown."""
@@ -130,18 +146,41 @@ class Conversations:
         """The pane ``event`` belongs in, its members updated; None for events no pane shows."""
         if event.kind is EventKind.DM:
             return self.dm(dm_peer(event, me))
-        if event.room is None or event.kind not in (*UNREAD_KINDS, EventKind.JOIN, EventKind.LEAVE, EventKind.NICK):
+        if event.room is None or (event.kind not in UNREAD_KINDS and event.kind not in ROOM_KINDS):
             return None
+        if event.kind is EventKind.INVITE and room_key(event.room) not in self.by_key:
+            return self.by_key[STATUS]  # an invitation to a room not open here
         conv = self.room(event.room)
-        members = conv.members
-        if event.kind is EventKind.JOIN:
+        self._update(conv, event, me)
+        return conv
+
+    @staticmethod
+    def _update(conv: Conversation, event: Event, me: str | None) -> None:
+        """Keep ``conv``'s members, operators and topic as ``event`` changes them."""
+        members, kind = conv.members, event.kind
+        target = nick_key(event.nick) if event.nick is not None else None
+        if kind is EventKind.JOIN:
             members[nick_key(event.sender)] = event.sender
-        elif event.kind is EventKind.LEAVE:
+        elif kind is EventKind.LEAVE:
             members.pop(nick_key(event.sender), None)
-        elif event.kind is EventKind.NICK and event.nick is not None:
+            conv.ops.discard(nick_key(event.sender))
+        elif kind is EventKind.NICK and event.nick is not None:
             members.pop(nick_key(event.sender), None)
             members[nick_key(event.nick)] = event.nick
-        return conv
+            if nick_key(event.sender) in conv.ops:
+                conv.ops = (conv.ops - {nick_key(event.sender)}) | {nick_key(event.nick)}
+        elif kind in (EventKind.KICK, EventKind.BAN) and target is not None:
+            if me is not None and target == nick_key(me):  # we are out: the lists are no longer ours
+                members.clear()
+                conv.ops.clear()
+            members.pop(target, None)
+            conv.ops.discard(target)
+        elif kind is EventKind.OP and target is not None:
+            conv.ops.add(target)
+        elif kind is EventKind.DEOP and target is not None:
+            conv.ops.discard(target)
+        elif kind is EventKind.TOPIC:
+            conv.subject = event.text
 
 
 class InputHistory:

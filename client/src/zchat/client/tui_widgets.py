@@ -23,6 +23,7 @@ from textual.widgets.option_list import Option
 from zchat.common.codes import EventKind
 from zchat.common.protocol import Event
 
+from .render import MODERATION_EVENTS, describe_moderation
 from .tui_state import Completer, Conversation, InputHistory, Line, Note, nick_colour
 
 
@@ -35,15 +36,18 @@ def render_nick(nick: str) -> Text:
     return Text(nick, style=f"bold {nick_colour(nick)}")
 
 
-def render_line(line: Line) -> Text:
-    """One line of a pane: the time, then the event or the note (user text is never markup)."""
+def render_line(line: Line, me: str | None = None) -> Text:
+    """One line of a pane: the time, then the event or the note (user text is never markup).
+
+    ``me`` (this session's nick) words an invitation of this session as one.
+    """
     if isinstance(line, Note):
         style = "bold red" if line.error else "italic dim"
         return Text.assemble(_clock(line.ts), Text(("!! " if line.error else "-- ") + line.text, style=style))
-    return Text.assemble(_clock(line.ts), _render_event(line))
+    return Text.assemble(_clock(line.ts), _render_event(line, me))
 
 
-def _render_event(event: Event) -> Text:
+def _render_event(event: Event, me: str | None = None) -> Text:
     kind, who = event.kind, render_nick(event.sender)
     if kind in (EventKind.MESSAGE, EventKind.DM):
         return Text.assemble("<", who, "> ", event.text)
@@ -58,6 +62,8 @@ def _render_event(event: Event) -> Text:
         return Text.assemble(
             Text("-- ", style="dim"), who, Text(" is now known as ", style="dim"), render_nick(event.nick or "")
         )
+    if kind in MODERATION_EVENTS:
+        return Text.assemble(Text("* ", style="bold magenta"), Text(describe_moderation(event, me), style="magenta"))
     return Text(f"-- {kind.value} {event.text}", style="dim")
 
 
@@ -71,9 +77,10 @@ class ChatLog(RichLog):
             super().__init__()
             self.pane = pane
 
-    def __init__(self, conv: Conversation, *, id: str) -> None:
+    def __init__(self, conv: Conversation, *, id: str, me: Callable[[], str | None] = lambda: None) -> None:
         super().__init__(wrap=True, min_width=20, id=id)
         self.conv = conv
+        self._me = me
         self._rebuilding = False
         self._stale = False  # lines came while hidden: draw them when shown
         self._width = 0
@@ -88,7 +95,7 @@ class ChatLog(RichLog):
         it only remembers to draw its scrollback when shown.
         """
         if self.display and self.scrollable_content_region.width > 0 and not self._stale:
-            self.write(render_line(line), scroll_end=self.at_bottom())
+            self.write(render_line(line, self._me()), scroll_end=self.at_bottom())
         else:
             self._stale = True
 
@@ -108,7 +115,7 @@ class ChatLog(RichLog):
         try:
             self.clear()
             for line in self.conv.lines:
-                self.write(render_line(line), scroll_end=False)
+                self.write(render_line(line, self._me()), scroll_end=False)
             if follow:
                 self.scroll_end(animate=False, immediate=True, x_axis=False)
             else:
@@ -175,6 +182,8 @@ class Sidebar(OptionList):
         self.clear_options()
         for n, conv in enumerate(convs, 1):
             label = Text.assemble(Text(f"{n} ", style="dim"), conv.title)
+            if conv.private:
+                label.append(" (private)", style="dim")
             if conv.unread:
                 label.append(f" ({conv.unread})", style="bold yellow")
             self.add_option(Option(label, id=conv.key))
@@ -182,16 +191,21 @@ class Sidebar(OptionList):
 
 
 class MemberList(OptionList):
-    """The current room's members in their colours (a DM's peer; nothing for the status pane)."""
+    """The current room's members in their colours, operators first with an ``@`` (a DM's
+    peer; nothing for the status pane)."""
 
     can_focus = False
 
     def show(self, conv: Conversation) -> None:
         self.clear_options()
-        nicks = sorted(conv.members.values(), key=str.casefold) if conv.room else [conv.peer or ""]
+        if conv.room:
+            nicks = sorted(conv.members.values(), key=lambda nick: (not conv.is_op(nick), nick.casefold()))
+        else:
+            nicks = [conv.peer or ""]
         for nick in nicks:
             if nick:
-                self.add_option(render_nick(nick))
+                mark = Text("@", style="bold") if conv.room and conv.is_op(nick) else Text("")
+                self.add_option(Text.assemble(mark, render_nick(nick)))
         self.border_title = f"{len(conv.members)} here" if conv.room else ""
 
 

@@ -6,9 +6,11 @@ Import the pieces from their modules (``zchat.common.protocol``, ``.codec``, ``.
 
 from .codes import ErrorCode, EventKind, ReplyKind, RequestKind
 from .errors import (
+    AuthenticationFailed,
     ClientError,
     ConfigError,
     ConnectionClosed,
+    KeyFileError,
     ProtocolError,
     RequestError,
     RequestTimeout,
@@ -22,12 +24,14 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_LIMITS",
     "PROTOCOL_VERSION",
+    "AuthenticationFailed",
     "ClientError",
     "ConfigError",
     "ConnectionClosed",
     "ErrorCode",
     "Event",
     "EventKind",
+    "KeyFileError",
     "Limits",
     "ProtocolError",
     "ReplyKind",

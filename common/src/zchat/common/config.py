@@ -55,6 +55,10 @@ ENV_ROOM = "ZCHAT_ROOM"
 ENV_TIMEOUT = "ZCHAT_TIMEOUT"
 #: Past messages the client shows when joining a room.
 ENV_HISTORY = "ZCHAT_HISTORY"
+#: The broker's CURVE public key for clients and bots: a key file (NAME.key) or the key itself.
+ENV_SERVER_KEY = "ZCHAT_SERVER_KEY"
+#: The client's or bot's own CURVE secret key file (NAME.key_secret).
+ENV_KEY = "ZCHAT_KEY"
 
 DEFAULT_ROUTER = "tcp://127.0.0.1:5555"
 DEFAULT_PUB = "tcp://127.0.0.1:5556"

@@ -5,10 +5,12 @@
     ZchatError
      ├── ProtocolError        the peer sent something we cannot accept (carries an ErrorCode)
      ├── ConfigError          an option has a value we cannot start with (names the option)
+     ├── KeyFileError         a CURVE key file is missing, malformed or readable by others
      └── ClientError          raised by the client library to its caller
           ├── RequestError     the broker answered a request with an error reply
           ├── RequestTimeout   no reply came in time
           └── ConnectionClosed the client is closed, or closed while waiting
+               └── AuthenticationFailed  the CURVE handshake failed (key refused, wrong server key)
 
 ``ProtocolError`` is the peer's fault and is raised by the codec only; the broker turns it
 into an ``error`` reply. ``RequestError`` is the same wire error seen from the client side.
@@ -16,6 +18,9 @@ Everything else that escapes is our fault (a bug) and is deliberately not caught
 """
 
 from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
 
 from .codes import ErrorCode
 
@@ -59,6 +64,20 @@ class ConfigError(ZchatError):
         self.reason = reason
 
 
+class KeyFileError(ZchatError):
+    """A CURVE key file or directory cannot be used; raised at start (or on reload).
+
+    Attributes:
+        path: the file or directory at fault.
+        reason: what is wrong with it, and where it helps, the fix.
+    """
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
 class ClientError(ZchatError):
     """Base class of the errors the client library raises to its caller."""
 
@@ -90,3 +109,29 @@ class RequestTimeout(ClientError):
 
 class ConnectionClosed(ClientError):
     """The client was closed (by the caller or by the broker) before the call completed."""
+
+
+class AuthFailure(Enum):
+    """Why a CURVE handshake failed, as the client's socket monitor reports it."""
+
+    #: The broker's ZAP handler refused our public key (not in its authorized keys).
+    KEY_REFUSED = "key_refused"
+    #: The broker dropped the handshake: most likely it is not the server whose public key
+    #: we were given (or its ZAP handler is missing).
+    HANDSHAKE_FAILED = "handshake_failed"
+    #: The broker speaks another security mechanism: CURVE on one side, none on the other.
+    MECHANISM_MISMATCH = "mechanism_mismatch"
+
+
+class AuthenticationFailed(ConnectionClosed):
+    """The broker closed the connection during the security handshake.
+
+    Attributes:
+        failure: what kind of failure the socket monitor saw.
+        endpoint: the broker endpoint the handshake was with.
+    """
+
+    def __init__(self, failure: AuthFailure, endpoint: str, message: str) -> None:
+        super().__init__(message)
+        self.failure = failure
+        self.endpoint = endpoint
