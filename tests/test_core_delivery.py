@@ -677,25 +677,50 @@ def test_seqs_are_reported_from_the_store_after_a_restart(tmp_path: Path) -> Non
 # -- ticks --------------------------------------------------------------------------------
 
 
-def test_tick_announces_active_channels_until_the_horizon() -> None:
-    loop = setup_chat(Loop(tick_horizon=10.0))
+def test_tick_announces_quiet_channels_at_doubling_intervals_until_the_horizon() -> None:
+    loop = setup_chat(Loop(tick_interval=1.0, tick_horizon=10.0))
     loop.turn((A, loop.say("general", "one")), (A, loop.say("general", "two")), (A, loop.dm("bob", "x")))
     expected = {(room_topic("general"), "general", 2), (loop.topics[B], None, 1), (loop.topics[A], None, 1)}
-    for step in (0.0, 5.0, 5.0):  # up to and including the horizon
-        loop.advance(step)
+    ticked_at = []
+    for _ in range(96):  # 12 s in steps of 1/8 s (exact in binary floating point)
         loop.core.tick()
         turn = loop.flush()
-        assert all(e.kind is EventKind.TICK for _, e in turn.events)
-        assert {(topic, e.room, e.seq) for topic, e in turn.events} == expected
-        assert len(turn.events) == 3
-    loop.advance(0.5)
-    loop.core.tick()
-    assert loop.flush().events == []
+        if turn.events:
+            assert all(e.kind is EventKind.TICK for _, e in turn.events)
+            assert {(topic, e.room, e.seq) for topic, e in turn.events} == expected
+            assert len(turn.events) == 3
+            ticked_at.append(loop.mono)
+        loop.advance(0.125)
+    assert ticked_at == [1.0, 2.0, 4.0, 8.0]  # 16 s is past the horizon
+    assert loop.core.next_tick_at() == float("inf")
     loop.sent(B, loop.say("general", "three"))  # active again
+    loop.core.tick()
+    assert loop.flush().events == []  # not quiet yet: a message that follows would reveal a gap
+    loop.advance(1.0)
     loop.core.tick()
     assert [(topic, e.kind, e.seq) for topic, e in loop.flush().events] == [
         (room_topic("general"), EventKind.TICK, 3)
     ]
+
+
+def test_traffic_postpones_the_tick_and_a_new_message_brings_a_late_one_forward() -> None:
+    loop = setup_chat(Loop(tick_interval=1.0))
+    loop.sent(A, loop.say("general", "one"))
+    for _ in range(5):  # a message every half second: never quiet for a whole interval
+        loop.advance(0.5)
+        loop.core.tick()
+        assert loop.flush().events == []
+        loop.sent(A, loop.say("general", "more"))
+    loop.advance(1.0)
+    loop.core.tick()
+    assert [e.seq for _, e in loop.flush().events] == [6]
+    loop.advance(20.0)  # the next tick was planned 2 s out; a message now brings it back to 1 s
+    loop.core.tick()
+    loop.flush()
+    loop.sent(A, loop.say("general", "again"))
+    loop.advance(1.0)
+    loop.core.tick()
+    assert [e.seq for _, e in loop.flush().events] == [7]
 
 
 def test_tick_after_a_failed_commit_announces_the_committed_seq(chat: Loop) -> None:
@@ -703,6 +728,7 @@ def test_tick_after_a_failed_commit_announces_the_committed_seq(chat: Loop) -> N
     chat.sent(A, chat.say("general", "kept"))
     chat.store.fail_commits = True
     chat.turn((A, chat.say("general", "lost")))
+    chat.advance(chat.core.tick_interval)
     chat.core.tick()
     assert [(e.kind, e.seq) for _, e in chat.flush().events] == [(EventKind.TICK, 1)]
 
@@ -711,6 +737,7 @@ def test_no_tick_for_a_room_without_members_or_a_dead_session(chat: Loop) -> Non
     chat.join(C, "solo")
     chat.turn((C, chat.say("solo", "alone")), (A, chat.dm("bob", "x")))
     chat.turn((C, Leave(chat.rid(), "solo")), (B, Bye(chat.rid())))  # solo is gone, and bob
+    chat.advance(chat.core.tick_interval)
     chat.core.tick()
     assert [(topic, e.kind, e.seq) for topic, e in chat.flush().events] == [(chat.topics[A], EventKind.TICK, 1)]
 

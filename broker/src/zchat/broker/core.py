@@ -24,6 +24,7 @@ Rules it keeps:
 from __future__ import annotations
 
 import hashlib
+import heapq
 import logging
 import math
 import secrets
@@ -213,8 +214,10 @@ class BrokerCore:
         motd: message of the day, sent in every welcome.
         session_timeout: seconds of silence after which a session ends.
         max_page: most events one ``history`` reply holds.
-        tick_horizon: seconds after a channel's last message during which ticks announce
-            its last seq (so a lost final message is noticed).
+        tick_interval: seconds after a channel's last message that its first ``tick``
+            announces its last seq (so a lost final message is noticed); later ticks follow
+            at 2, 4, 8, … times that while the channel stays quiet.
+        tick_horizon: seconds after a channel's last message after which it is not ticked.
         secure: CURVE is on: every request and subscription comes with the peer's public
             key, nicks belong to keys, and grants of private topics check the key.
         rate_limits: flood-control limits per principal (default: none).
@@ -228,6 +231,7 @@ class BrokerCore:
         motd: str = "",
         session_timeout: float = 15.0,
         max_page: int = 200,
+        tick_interval: float = 1.0,
         tick_horizon: float = 60.0,
         version: str = "",
         secure: bool = False,
@@ -239,6 +243,7 @@ class BrokerCore:
         self.session_timeout = session_timeout
         self.heartbeat = session_timeout / 3
         self.max_page = max_page
+        self.tick_interval = tick_interval
         self.tick_horizon = tick_horizon
         self.secure = secure
         self.flood = FloodControl(rate_limits) if rate_limits is not None else None
@@ -265,7 +270,10 @@ class BrokerCore:
         self._pending: list[_Pending] = []
         self._cmids: OrderedDict[tuple[str, str], tuple[int, float, int]] = OrderedDict()
         self._staged_cmids: set[tuple[str, str]] = set()
-        self._active: dict[str, float] = {}  # channel -> when it last got a message (mono)
+        # channel -> [when it last got a message, when its next tick is due] (mono), and the
+        # due times in a heap (entries whose time is no longer the channel's are stale)
+        self._active: dict[str, list[float]] = {}
+        self._tick_heap: list[tuple[float, str]] = []
         self._stored_at_last_prune = 0
         self._xpub_misaligned = False
         self._junk_epoch = 0
@@ -481,23 +489,44 @@ class BrokerCore:
         return True
 
     def tick(self) -> None:
-        """Publish each recently active channel's last seq on its topic (a ``tick``).
+        """Publish the ticks that are due: a channel's last seq on its topic.
 
-        A subscriber whose last seq is lower has lost a message and fetches it.
+        A subscriber whose last seq is lower has lost a message and fetches it. While
+        messages flow, each reveals a loss before it, so a channel is ticked only once it
+        has been quiet for ``tick_interval``, then at 2, 4, 8, … times that up to the
+        horizon: a handful of ticks per burst of traffic, spread over time, instead of
+        every active channel every second at once (thousands of channels ticking in the
+        same turn stalled every peer's traffic behind the burst).
         """
-        horizon = self.mono - self.tick_horizon
-        for channel, since in list(self._active.items()):
-            if since < horizon:
+        heap, now, interval = self._tick_heap, self.mono, self.tick_interval
+        while heap and heap[0][0] <= now:
+            due, channel = heapq.heappop(heap)
+            times = self._active.get(channel)
+            if times is None or times[1] != due:
+                continue  # stale: re-planned since
+            last = times[0]
+            quiet = due - last
+            if quiet < interval:  # a message came after this tick was planned
+                times[1] = last + interval
+                heapq.heappush(heap, (times[1], channel))
+                continue
+            topics, room = self._channel_topics(channel)
+            if topics and quiet <= self.tick_horizon:
+                event = Event(EventKind.TICK, room, "", "", self.now, self._next_id(), seq=self._seqs[channel])
+                for topic in topics:
+                    self._publish(topic, event)
+            if 2 * quiet > self.tick_horizon:
                 del self._active[channel]
                 # After the commit _seqs equals the store's value: forget it, so a stream of
                 # short-lived channels does not grow memory. The store answers next time.
                 self._seqs.pop(channel, None)
-                continue
-            topics, room = self._channel_topics(channel)
-            if topics:
-                event = Event(EventKind.TICK, room, "", "", self.now, self._next_id(), seq=self._seqs[channel])
-                for topic in topics:
-                    self._publish(topic, event)
+            else:
+                times[1] = last + 2 * quiet
+                heapq.heappush(heap, (times[1], channel))
+
+    def next_tick_at(self) -> float:
+        """When (monotonic) :meth:`tick` next has something to do; infinity if never."""
+        return self._tick_heap[0][0] if self._tick_heap else math.inf
 
     def prune(self, max_per_channel: int, max_age: float | None, budget: int = 1000) -> int:
         """Delete stored messages beyond the retention limits: up to ``budget``, or as many
@@ -535,7 +564,16 @@ class BrokerCore:
         if channel not in self._batch_seqs:
             self._batch_seqs[channel] = seq
         self._seqs[channel] = seq + 1
-        self._active[channel] = self.mono
+        mono = self.mono
+        times = self._active.get(channel)
+        if times is None:
+            self._active[channel] = [mono, mono + self.tick_interval]
+            heapq.heappush(self._tick_heap, (mono + self.tick_interval, channel))
+        else:
+            times[0] = mono
+            if times[1] > mono + self.tick_interval:  # planned far out: tick soon instead
+                times[1] = mono + self.tick_interval
+                heapq.heappush(self._tick_heap, (times[1], channel))
         return seq + 1
 
     def _channel_topics(self, channel: str) -> tuple[list[bytes], str | None]:

@@ -51,6 +51,11 @@ ROUTER_SNDHWM = 200
 XPUB_SNDHWM = 10_000
 #: How long close() may spend delivering queued frames, in milliseconds.
 LINGER_MS = 500
+#: Pending connections the kernel queues per listening socket (capped by net.core.somaxconn).
+LISTEN_BACKLOG = 4096
+#: TCP keepalive: probe a connection idle this many seconds, every INTERVAL, COUNT times;
+#: a peer that answers none is dropped (about a minute after it went silent).
+KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 30, 10, 3
 #: Seconds between retention passes, and most messages one pass deletes.
 PRUNE_EVERY, PRUNE_BUDGET = 1.0, 2000
 
@@ -114,6 +119,7 @@ class Broker:
             motd=config.motd,
             session_timeout=config.session_timeout,
             max_page=config.max_page,
+            tick_interval=config.tick_interval,
             version=__version__,
             secure=self.zap is not None,
             rate_limits=config.rate_limits,
@@ -165,10 +171,19 @@ class Broker:
             sock.setsockopt(zmq.IPV6, 1)
         # A peer that sends a larger frame is disconnected by libzmq before we read it.
         sock.setsockopt(zmq.MAXMSGSIZE, max_msg_size)
-        # ZMTP heartbeats reap dead TCP connections (and their queues) on their own.
-        heartbeat_ms = max(1, int(self.config.session_timeout * 1000 / 3))
-        sock.setsockopt(zmq.HEARTBEAT_IVL, heartbeat_ms)
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, heartbeat_ms * 3)
+        # Dead peers (a crashed host, a cut cable) and their queues are reaped by TCP
+        # keepalive, in the kernel, not by ZMTP heartbeats: libzmq 4.3 cancels a heartbeat
+        # timer with a scan of every timer of its I/O thread, so with thousands of
+        # connections heartbeats alone kept that thread busy and pings waited seconds
+        # (BENCHMARKS.md). Sessions still end after --session-timeout of silence.
+        # Thousands of clients may connect at once (a broker restart): libzmq's default
+        # listen backlog of 100 would overflow, and the kernel would drop SYNs or fall back to
+        # SYN cookies, delaying those connections by retransmission timeouts.
+        sock.setsockopt(zmq.BACKLOG, LISTEN_BACKLOG)
+        sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+        sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, KEEPALIVE_IDLE)
+        sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, KEEPALIVE_INTERVAL)
+        sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, KEEPALIVE_COUNT)
         if self.curve is not None:
             sock.setsockopt(zmq.CURVE_SERVER, 1)
             sock.setsockopt(zmq.CURVE_SECRETKEY, self.curve.secret.encode("ascii"))
@@ -214,12 +229,12 @@ class Broker:
         drain_router = self._drain_router if self.zap is None else self._drain_router_secure
         core = self.core
         now = time.monotonic()
-        next_sweep, next_tick = now + self._sweep_every(), now + self.config.tick_interval
+        next_sweep = now + self._sweep_every()
         next_prune = now + PRUNE_EVERY
         metrics, turns = self.metrics, 0
         try:
             while not self._stopping:
-                deadline = min(next_sweep, next_tick, next_prune)
+                deadline = min(next_sweep, core.next_tick_at(), next_prune)
                 ready = poller.poll(max(0, int((deadline - time.monotonic()) * 1000) + 1))
                 turn_start = time.perf_counter()
                 mono = time.monotonic()
@@ -238,9 +253,7 @@ class Broker:
                 if mono >= next_sweep:
                     self._sweep(mono)
                     next_sweep = mono + self._sweep_every()
-                if mono >= next_tick:
-                    core.tick()
-                    next_tick = mono + config.tick_interval
+                core.tick()  # the ticks that are due, if any (a heap peek when none)
                 if mono >= next_prune:
                     core.prune(config.retention_messages, config.retention_seconds, PRUNE_BUDGET)
                     next_prune = mono + PRUNE_EVERY
@@ -285,6 +298,7 @@ class Broker:
         self.core.motd = fresh.motd
         self.core.set_rate_limits(fresh.rate_limits)
         self.core.max_page = fresh.max_page
+        self.core.tick_interval = fresh.tick_interval
         self.core.session_timeout, self.core.heartbeat = fresh.session_timeout, fresh.session_timeout / 3
         for name in ("curve_secret_key", "authorized_keys"):
             if getattr(fresh, name) != getattr(self.config, name):

@@ -198,7 +198,7 @@ class Bot(Handlers):
         pub: str = DEFAULT_PUB,
         prefix: str = "!",
         description: str = "",
-        rate: float = 5.0,
+        rate: float = 2.0,
         burst: int = 10,
         timeout: float = 5.0,
         history: int = 0,

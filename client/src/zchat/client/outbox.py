@@ -105,7 +105,7 @@ class Outbox:
         send: Callable[[Outgoing], Awaitable[Sent]],
         stats: BotStats,
         *,
-        rate: float = 5.0,
+        rate: float = 2.0,
         burst: int = 10,
         give_up_after: float = 60.0,
     ) -> None:
