@@ -1034,9 +1034,9 @@ class BrokerCore:
         del self.room_topics[room.topic]
         room.topic = new_private_room_topic()
         self.room_topics[room.topic] = room
-        seq = self._seqs.get(room.channel)
-        if seq is None:
-            seq = self.store.last_seq(room.channel)
+        # The committed seq, as in _joined: a seq staged this turn could be handed out again
+        # if the commit fails. Members fill from their own last seq anyway.
+        seq = self.store.last_seq(room.channel)
         rekey = self._event(EventKind.REKEY, room.name, "", room.topic.decode(), seq=seq)
         for member in room.members:
             self._publish(member.topic, rekey)
