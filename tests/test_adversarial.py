@@ -26,7 +26,6 @@ import contextlib
 import itertools
 import os
 import random
-import secrets
 import shutil
 import socket
 import time
@@ -38,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 import pytest
 import zmq
+from tests.wire import barrier
 from zmq.utils.monitor import recv_monitor_message
 
 from zchat.broker import BrokerConfig
@@ -61,7 +61,7 @@ from zchat.common.protocol import (
     Sent,
     Welcome,
 )
-from zchat.common.topics import new_private_topic, sync_subscription
+from zchat.common.topics import new_private_topic
 
 if TYPE_CHECKING:
     from tests.conftest import BrokerProcess, RunningBroker
@@ -139,50 +139,6 @@ def subscriber(ctx: Context, pub: str, *topics: bytes) -> Socket:
     for topic in topics:
         sub.subscribe(topic)
     return sub
-
-
-def barrier(sock: Socket, private_topic: bytes, *, timeout: float = WAIT) -> list[list[bytes]]:
-    """Wait for a sync marker on ``private_topic``; return every other publication seen first.
-
-    ``sock`` (a SUB, or an XSUB that sends its own subscription messages) must hold
-    ``private_topic``. A sync the broker could not place (it had just read an XSUB's junk) goes
-    unanswered, as the protocol says: ask again with a fresh nonce until ``timeout``.
-    """
-    xsub = sock.type == zmq.XSUB
-    seen: list[list[bytes]] = []
-    deadline = time.monotonic() + timeout
-    attempt = 0.25
-    while True:
-        nonce = secrets.token_hex(8)
-        request = sync_subscription(private_topic, nonce)
-        if xsub:
-            sock.send(b"\x01" + request)
-        else:
-            sock.subscribe(request)
-        try:
-            if _wait_for_sync(sock, private_topic, nonce, min(deadline, time.monotonic() + attempt), seen):
-                return seen
-        finally:
-            if xsub:
-                sock.send(b"\x00" + request)
-            else:
-                sock.unsubscribe(request)
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"no sync marker within {timeout} s; saw {seen[:5]!r}")
-        attempt *= 2
-
-
-def _wait_for_sync(sock: Socket, private_topic: bytes, nonce: str, until: float, seen: list[list[bytes]]) -> bool:
-    while (remaining := until - time.monotonic()) > 0 and sock.poll(int(remaining * 1000) + 1):
-        frames = sock.recv_multipart()
-        if frames[0] == private_topic and len(frames) == 2:
-            event = decode_event(frames[1])
-            if event.kind is EventKind.SYNC:
-                if event.text == nonce:
-                    return True
-                continue
-        seen.append(frames)
-    return False
 
 
 def wait_disconnected(monitor: Socket, timeout: float = WAIT) -> None:

@@ -1,0 +1,60 @@
+"""Helpers for tests that speak the wire protocol with raw pyzmq sockets."""
+
+from __future__ import annotations
+
+import secrets
+import time
+
+import zmq
+
+from zchat.common.codec import decode_event
+from zchat.common.codes import EventKind
+from zchat.common.topics import sync_subscription
+
+Socket = zmq.Socket[bytes]
+WAIT = 5.0
+
+
+def barrier(sock: Socket, private_topic: bytes, *, timeout: float = WAIT) -> list[list[bytes]]:
+    """Wait for a sync marker on ``private_topic``; return every other publication seen first.
+
+    ``sock`` (a SUB, or an XSUB that sends its own subscription messages) must already hold
+    ``private_topic``. Sync markers (ours or other observers') are not returned. As the
+    protocol says, a sync the broker could not place (it read an XSUB's junk just before)
+    goes unanswered: ask again with a fresh nonce until ``timeout``.
+    """
+    xsub = sock.type == zmq.XSUB
+    seen: list[list[bytes]] = []
+    deadline = time.monotonic() + timeout
+    attempt = 0.25
+    while True:
+        nonce = secrets.token_hex(8)
+        request = sync_subscription(private_topic, nonce)
+        if xsub:
+            sock.send(b"\x01" + request)
+        else:
+            sock.subscribe(request)
+        try:
+            if _wait_for_sync(sock, private_topic, nonce, min(deadline, time.monotonic() + attempt), seen):
+                return seen
+        finally:
+            if xsub:
+                sock.send(b"\x00" + request)
+            else:
+                sock.unsubscribe(request)
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"no sync marker within {timeout} s; saw {seen!r}")
+        attempt *= 2
+
+
+def _wait_for_sync(sock: Socket, private_topic: bytes, nonce: str, until: float, seen: list[list[bytes]]) -> bool:
+    while (remaining := until - time.monotonic()) > 0 and sock.poll(int(remaining * 1000) + 1):
+        frames = sock.recv_multipart()
+        if frames[0] == private_topic and len(frames) == 2:
+            event = decode_event(frames[1])
+            if event.kind is EventKind.SYNC:
+                if event.text == nonce:
+                    return True
+                continue
+        seen.append(frames)
+    return False
