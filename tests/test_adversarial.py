@@ -675,7 +675,7 @@ def guesses_at(topic: bytes, other: bytes) -> list[bytes]:
         *(bytes([byte]) for byte in range(256)),  # every single-byte prefix: b"p", b"q", b"r", b"d"...
         b"p/", b"q/", b"r/", b"d:", b"d/", b"p/0", b"P/",
         *(topic[:n] for n in range(3, len(topic))),  # every proper prefix of the topic
-        topic[:-1] + flipped + b"/",  # one digit off
+        topic[:-2] + flipped + b"/",  # the last digit off
         topic.upper(),
         topic[:-1],
         topic + b"x",
