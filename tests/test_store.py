@@ -8,6 +8,7 @@ on every page after any interleaving of staging, commits and failed commits.
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -740,3 +741,43 @@ def test_memory_and_sqlite_agree_on_nicks_and_rooms(
     finally:
         memory.close()
         sqlite.close()
+
+
+# -- background checkpoints -------------------------------------------------------------------
+
+
+def test_a_checkpoint_is_due_after_enough_bytes_or_when_the_oldest_write_is_old(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "z.sqlite3")
+    try:
+        assert not store._checkpoint_due(1e9)
+        store.add(msg(ROOM, 1))
+        store.commit()
+        since = store._unchecked_since
+        assert not store._checkpoint_due(since + store.CHECKPOINT_MAX_AGE / 2)
+        assert store._checkpoint_due(since + store.CHECKPOINT_MAX_AGE)
+        for seq in range(2, 2 + store.CHECKPOINT_BYTES // len(BIG) + 1):
+            store.add(msg(ROOM, seq, text=BIG))
+        store.commit()
+        assert store._checkpoint_due(since)  # enough bytes: at once
+    finally:
+        store.close()
+
+
+def test_the_background_thread_copies_the_wal_into_the_database(tmp_path: Path) -> None:
+    class Eager(SqliteStore):
+        CHECKPOINT_BYTES, CHECKPOINT_POLL = 64 * 1024, 0.01
+
+    path = tmp_path / "z.sqlite3"
+    store = Eager(path)
+    try:
+        before = path.stat().st_size
+        for seq in range(1, 11):
+            store.add(msg(ROOM, seq, text=BIG))
+        store.commit()
+        deadline = time.monotonic() + 10
+        while path.stat().st_size < before + 10 * len(BIG):  # the pages reached the main file
+            assert time.monotonic() < deadline, "no checkpoint within 10 s"
+            time.sleep(0.01)
+        assert store._unchecked_bytes == 0
+    finally:
+        store.close()

@@ -27,6 +27,7 @@ import os
 import secrets
 import sqlite3
 import threading
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -371,8 +372,15 @@ class SqliteStore:
     """
 
     FILENAME = "zchat.sqlite3"
-    #: Seconds between background WAL checkpoints.
-    CHECKPOINT_EVERY = 0.5
+    #: A background WAL checkpoint runs once about this many bytes were committed since the
+    #: last (SQLite's own autocheckpoint size: 1,000 pages), or once the oldest of them is
+    #: CHECKPOINT_MAX_AGE seconds old. Each checkpoint fsyncs the WAL and the database, and
+    #: a commit that coincides with one waits: checkpointing every 0.5 s whatever the load
+    #: made the p99 latency at 2,000 messages a second 3.9 ms instead of 1.3 ms.
+    CHECKPOINT_BYTES = 4 * 1024 * 1024
+    CHECKPOINT_MAX_AGE = 10.0
+    #: How often the checkpoint thread looks (seconds).
+    CHECKPOINT_POLL = 0.25
     #: Channels one retention pass looks at, at most.
     PRUNE_CHANNELS = 500
 
@@ -405,18 +413,32 @@ class SqliteStore:
         # Channels retention must look at: all of them after opening (one may have grown
         # past the limit, or aged, while the limits were different), then those written to.
         self._touched: set[str] = {row[0] for row in self._db.execute("SELECT channel FROM channels")}
+        # Bytes committed since the last checkpoint (an estimate), and when the first of them
+        # was; written by the loop's thread, read and reset by the checkpoint thread (a lost
+        # update only moves one checkpoint a little).
+        self._unchecked_bytes = 0
+        self._unchecked_since = 0.0
         self._checkpointer.start()
 
     def _checkpoint_loop(self) -> None:
         db = sqlite3.connect(self.path, isolation_level=None)
         try:
-            while not self._stop_checkpoints.wait(self.CHECKPOINT_EVERY):
+            while not self._stop_checkpoints.wait(self.CHECKPOINT_POLL):
+                if not self._checkpoint_due(time.monotonic()):
+                    continue
+                self._unchecked_bytes = 0
                 try:
                     db.execute("PRAGMA wal_checkpoint(PASSIVE)")
                 except sqlite3.Error as exc:  # busy or I/O trouble: the next round retries
                     log.debug("background checkpoint failed: %s", exc)
         finally:
             db.close()
+
+    def _checkpoint_due(self, now: float) -> bool:
+        written = self._unchecked_bytes
+        return written >= self.CHECKPOINT_BYTES or (
+            written > 0 and now - self._unchecked_since >= self.CHECKPOINT_MAX_AGE
+        )
 
     def set_max_pages(self, pages: int) -> None:
         """Set (or raise) the size quota, in database pages."""
@@ -481,6 +503,10 @@ class SqliteStore:
             self._last_seq[channel] = max(self._last_seq.get(channel, 0), seq)
         self._touched.update(last)
         self._last_id = max(self._last_id, top_id)
+        if not self._unchecked_bytes:
+            self._unchecked_since = time.monotonic()
+        # A row, its index entries and page overhead: about 200 bytes besides the text.
+        self._unchecked_bytes += sum(len(m.text) for m in staged) + 200 * len(staged) + 1
         return len(staged)
 
     def find_cmid(self, client: str, cmid: str) -> StoredMessage | None:
