@@ -4,7 +4,8 @@
     python3 dev.py broker [ARGS]   run the broker (creates .venv on first use)
     python3 dev.py client [ARGS]   run the terminal client
     python3 dev.py test [ARGS]     ruff, mypy --strict, then pytest (ARGS go to pytest)
-    python3 dev.py bench [ARGS]    the benchmark (bench/bench.py --help)
+    python3 dev.py bench [ARGS]    the benchmark (bench/bench.py --help; --peers also installs
+                                   the Redis and NATS clients, the `peers` dependency group)
     python3 dev.py setup           only create/refresh .venv
 
 The virtual environment lives in .venv and is refreshed whenever a pyproject.toml changes.
@@ -39,9 +40,14 @@ def _fingerprint() -> str:
     return digest.hexdigest()
 
 
-def _dev_requirements() -> list[str]:
+def _group(name: str) -> list[str]:
+    """The requirements of dependency group ``name`` in the root pyproject.toml."""
     with open(ROOT / "pyproject.toml", "rb") as f:
-        return list(tomllib.load(f)["dependency-groups"]["dev"])
+        return list(tomllib.load(f)["dependency-groups"][name])
+
+
+def _pip() -> list[str]:
+    return [str(PYTHON), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
 
 
 def ensure_venv() -> None:
@@ -53,9 +59,8 @@ def ensure_venv() -> None:
         print(f"dev.py: creating {VENV}", file=sys.stderr)
         venv.EnvBuilder(with_pip=True, clear=True).create(VENV)
     print("dev.py: installing zchat and its dev tools into .venv", file=sys.stderr)
-    pip = [str(PYTHON), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
     editables = [arg for p in PROJECTS for arg in ("-e", str(ROOT / p))]
-    subprocess.run([*pip, *editables, *_dev_requirements()], check=True)
+    subprocess.run([*_pip(), *editables, *_group("dev")], check=True)
     STAMP.write_text(fingerprint)
 
 
@@ -88,6 +93,9 @@ def main(argv: list[str]) -> int:
     if command == "test":
         return test(args)
     if command == "bench":
+        # --peers: the Redis and NATS clients; their servers come from the system (BENCHMARKS.md).
+        if "--peers" in args and subprocess.run([*_pip(), *_group("peers")], check=False).returncode != 0:
+            print("dev.py: could not install the peers group; the benchmark will say what is missing", file=sys.stderr)
         return run(str(PYTHON), str(ROOT / "bench" / "bench.py"), *args)
     if command in ("broker", "client"):
         exe = str(BIN / f"zchat-{command}")

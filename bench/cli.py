@@ -42,13 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small counts, 1 repeat: a smoke run")
     parser.add_argument("--only", default=",".join(WORKLOADS), help="comma-separated workloads to run")
-    parser.add_argument("--peers", action="store_true", help="also run Redis and NATS (if installed)")
+    parser.add_argument("--peers", action="store_true",
+                        help="also run the throughput (S=1, 10) and latency workloads against Redis pub/sub and NATS, "
+                             "if installed (BENCHMARKS.md)")
     parser.add_argument("--servers", default=",".join(cases.SERVERS), help="servers for throughput and latency")
     parser.add_argument("--shapes", default=",".join(SHAPES), help="throughput shapes: 1,10,100,4x4")
     parser.add_argument("--latency-subscribers", type=_ints, default=(1, 10), help="subscriber counts, e.g. 1,10")
     parser.add_argument("--messages", type=int, help="messages per throughput case (default 30000)")
     parser.add_argument("--repeat", type=int, help="runs per case; the median is reported (default 3)")
-    parser.add_argument("--window", type=int, help="unacknowledged says in flight (default 500)")
+    parser.add_argument("--window", type=int, help="unacknowledged says in flight (default 100)")
     parser.add_argument("--procs", type=int, help="subscriber processes per case at most (default 4)")
     parser.add_argument("--rcvhwm", type=int, help="SUB receive high-water mark (default 1000)")
     parser.add_argument("--scale", type=_ints, help="client counts for the scale case (default 100,1000,5000)")
@@ -76,14 +78,23 @@ def run(args: argparse.Namespace, settings: cases.Settings) -> dict[str, Any]:
     results: dict[str, Any] = {"machine": report.machine(), "settings": {
         k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(settings).items()}}
     started = time.monotonic()
+    peer_names: tuple[str, ...] = ()  # the peers that run: their rows join zchat's in the same tables
+    if args.peers:
+        results["peers"] = peers.check()
+        peer_names = tuple(results["peers"]["versions"])
+        if not {"throughput", "latency"} & only:
+            cases.log("  peers: they run with the throughput and latency workloads only (--only)")
     if "throughput" in only:
         results["throughput"] = cases.throughput(settings, shapes, servers)
+        single_room = tuple(s for _, s, rooms in shapes if rooms == 1)
+        results["throughput"] += peers.throughput(settings, peer_names, single_room)
         report.add_ratios(results["throughput"], ("accepted_per_s", "delivered_per_s_sub"))
-    if args.peers:
-        results["peers"] = peers.peers(settings)
+        report.add_peer_ratios(results["throughput"], ("delivered_per_s_sub",))
     if "latency" in only:
         results["latency"] = cases.latency(settings, args.latency_subscribers, servers)
+        results["latency"] += peers.latency(settings, peer_names, args.latency_subscribers)
         report.add_ratios(results["latency"], ("p50_ms", "p99_ms"))
+        report.add_peer_ratios(results["latency"], ("p50_ms", "p99_ms"))
     if "fanout" in only:
         results["fanout"] = cases.fanout(settings)
         report.add_ratios(results["fanout"], ("p50_ms", "p99_ms"))

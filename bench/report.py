@@ -60,12 +60,36 @@ def add_ratios(rows: list[Row], keys: tuple[str, ...]) -> None:
             row[f"{key}_vs_baseline"] = _ratio(row, rows, key)
 
 
+ZCHAT = ("zchat-memory", "zchat-sqlite")
+
+
+def is_peer(row: Row) -> bool:
+    """A Redis or NATS row (bench/peers.py) among zchat's and the baseline's."""
+    return row.get("server") not in (*ZCHAT, "baseline", None)
+
+
+def add_peer_ratios(rows: list[Row], keys: tuple[str, ...]) -> None:
+    """``<key>_zchat_vs_peer`` on every peer row: each zchat server's figure over the peer's, same case."""
+    for row in filter(is_peer, rows):
+        for key in keys:
+            ratios = {}
+            for kind in ZCHAT:
+                zchat = _find(rows, case=row.get("case"), server=kind)
+                if zchat and zchat.get(key) is not None and row.get(key):
+                    ratios[kind] = float(zchat[key]) / float(row[key])
+            row[f"{key}_zchat_vs_peer"] = ratios
+
+
 def _pct(key: str) -> Callable[[Row], Any]:
     return lambda r: None if r.get(key) is None else 100 * r[key]
 
 
+def _times(value: float | None) -> str | None:
+    return None if value is None else f"{value:.2f}x"
+
+
 def _x(key: str) -> Callable[[Row], Any]:
-    return lambda r: None if r.get(key) is None else f"{r[key]:.2f}x"
+    return lambda r: _times(r.get(key))
 
 
 THROUGHPUT: list[Column] = [
@@ -97,6 +121,33 @@ CLIENT: list[Column] = [
     ("client", lambda r: r["client"], ""), ("direction", lambda r: r["direction"], ""),
     ("msg/s", lambda r: r.get("per_s"), ",.0f"), ("missing", lambda r: r.get("worst_missing"), "d"),
 ]
+
+
+PEER_RATIOS: list[Column] = [
+    ("workload", lambda r: r["workload"], ""), ("case", lambda r: r["case"], ""), ("peer", lambda r: r["peer"], ""),
+    ("figure", lambda r: r["figure"], ""), ("peer's", lambda r: r["value"], ""),
+    *((f"{kind} / peer", (lambda r, kind=kind: _times(r["ratios"].get(kind))), "") for kind in ZCHAT),
+]
+#: The peer figures compared: (workload, key, label, format).
+PEER_FIGURES = (("throughput", "delivered_per_s_sub", "delivered/s/sub", ",.0f"),
+                ("latency", "p50_ms", "p50 ms", ".3f"), ("latency", "p99_ms", "p99 ms", ".3f"))
+
+
+def print_peers(results: dict[str, Any]) -> None:
+    """zchat's figures over Redis's and NATS's, case by case, and why a peer did not run."""
+    peers = results.get("peers")
+    if not peers:
+        return
+    rows = [{"workload": workload, "case": row["case"], "peer": row["server"], "figure": label,
+             "value": format(row[key], spec), "ratios": row.get(f"{key}_zchat_vs_peer", {})}
+            for workload, key, label, spec in PEER_FIGURES for row in results.get(workload, [])
+            if is_peer(row) and row.get(key) is not None]
+    print_table("zchat vs Redis pub/sub and NATS through their Python clients (zchat's figure over the peer's, same "
+                "case and run: delivered above 1.00x is better, latency above 1.00x is worse)", PEER_RATIOS, rows)
+    for name, version in peers["versions"].items():
+        print(f"  {name}: {version}")
+    for name, why in peers["skipped"].items():
+        print(f"  {name}: skipped: {why}")
 
 
 def print_store(store: dict[str, Any]) -> None:
@@ -135,6 +186,13 @@ def targets(results: dict[str, Any]) -> list[Row]:
             add(f"throughput {case}: >= 0.7x baseline per subscriber, zero loss after repair",
                 f"{ratio:.2f}x, loss after repair {100 * (lost or 0):.2f}%" if ratio else None,
                 None if ratio is None else ratio >= 0.7 and lost == 0)
+    for peer in filter(is_peer, tp):
+        ratio = peer.get("delivered_per_s_sub_zchat_vs_peer", {}).get("zchat-sqlite")
+        zchat = _find(tp, case=peer["case"], server="zchat-sqlite")
+        if ratio is not None and zchat:
+            add(f"throughput {peer['case']}: zchat-sqlite delivers >= 1.5x what {peer['server']} delivers through "
+                "its Python client, per subscriber", f"{ratio:.2f}x ({zchat['delivered_per_s_sub']:,.0f} vs "
+                f"{peer['delivered_per_s_sub']:,.0f} msg/s)", ratio >= 1.5)
     row = _find(results.get("latency", []), case="S=10", server="zchat-sqlite")
     if row:
         add("latency: p99 <= 1 ms at 2,000 msg/s, S=10", f"p99 {row['p99_ms']:.2f} ms", row["p99_ms"] <= 1.0)
@@ -168,11 +226,10 @@ def print_all(results: dict[str, Any]) -> None:
     if "throughput" in results:
         window = results["settings"]["window"]
         print_table(f"throughput (as fast as a window of {window} unacknowledged says allows)", THROUGHPUT,
-                    results["throughput"] + results.get("peers", {}).get("rows", []))
-    for name, why in results.get("peers", {}).get("skipped", {}).items():
-        print(f"  {name}: skipped: {why}")
+                    results["throughput"])
     if "latency" in results:
         print_table("latency (fixed offered rate, send time stamped in the text)", LATENCY, results["latency"])
+    print_peers(results)
     if "fanout" in results:
         print_table("fan-out (one room)", LATENCY, results["fanout"])
     if "scale" in results:
