@@ -206,6 +206,23 @@ def test_arguments_bind_by_signature() -> None:
         parameters_of(lambda ctx, *words, rest: None)  # both *words and a rest of line
 
 
+def test_annotations_resolve_one_by_one_and_an_unresolvable_one_is_an_error() -> None:
+    # This module has ``from __future__ import annotations``: every annotation is a string.
+    # A context annotated with a name that only exists for type checkers must not make the
+    # other parameters lose their types.
+    def roll(ctx: NotImportedHere, times: int, mode: Literal["sum", "max"] = "sum") -> None:  # type: ignore[name-defined]  # noqa: F821
+        pass
+
+    times, mode = parameters_of(roll)
+    assert bind_arguments((times, mode), "3 MAX") == ([3, "max"], {})
+
+    def convert(ctx: Any, degrees: Celsius) -> None:  # type: ignore[name-defined]  # noqa: F821
+        pass
+
+    with pytest.raises(TypeError, match="'Celsius' of 'degrees' does not resolve"):
+        parameters_of(convert)
+
+
 def test_token_bucket_lets_a_burst_through_then_spaces_messages() -> None:
     bucket = TokenBucket(rate=10, burst=3, now=100.0)
     assert [bucket.reserve(100.0) for _ in range(5)] == [0, 0, 0, pytest.approx(0.1), pytest.approx(0.2)]

@@ -130,8 +130,6 @@ def converter_for(annotation: Any) -> tuple[Callable[[str], Any], str]:
     Raises:
         TypeError: the annotation cannot be converted to.
     """
-    if isinstance(annotation, str):  # an annotation that could not be resolved
-        annotation = _SIMPLE_TYPES.get(annotation, str)
     if annotation in (_REQUIRED, str, Any):
         return str, "text"
     origin = typing.get_origin(annotation)
@@ -149,6 +147,27 @@ def converter_for(annotation: Any) -> tuple[Callable[[str], Any], str]:
     raise TypeError(f"cannot convert command arguments to {annotation!r}")
 
 
+def _resolve(fn: Callable[..., Any], name: str, annotation: Any) -> Any:
+    """The object a string annotation (``from __future__ import annotations``) names.
+
+    Raises:
+        TypeError: it names nothing importable from ``fn``'s module: a converter guessed
+            from its text would turn ``"Celsius"`` into plain text without a word.
+    """
+    if not isinstance(annotation, str):
+        return annotation
+    if annotation in _SIMPLE_TYPES:
+        return _SIMPLE_TYPES[annotation]
+    namespace = {"Literal": Literal, "Optional": typing.Optional, "Union": Union, **getattr(fn, "__globals__", {})}
+    try:
+        return eval(annotation, namespace)  # what typing.get_type_hints does, one annotation at a time
+    except Exception as exc:
+        raise TypeError(
+            f"{getattr(fn, '__qualname__', fn)}: the annotation {annotation!r} of {name!r} does not resolve "
+            f"({exc}); import what it names at module level, not only under TYPE_CHECKING"
+        ) from None
+
+
 def parameters_of(fn: Callable[..., Any]) -> tuple[Param, ...]:
     """The command parameters of handler ``fn``: every parameter after the first (the context).
 
@@ -164,7 +183,7 @@ def parameters_of(fn: Callable[..., Any]) -> tuple[Param, ...]:
     signature = inspect.signature(fn)
     try:
         hints = typing.get_type_hints(fn)
-    except Exception:  # an annotation naming something not importable: fall back to names
+    except Exception:  # some annotation does not resolve (often the context's): one by one
         hints = {}
     params = list(signature.parameters.values())
     positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
@@ -172,7 +191,7 @@ def parameters_of(fn: Callable[..., Any]) -> tuple[Param, ...]:
         raise TypeError(f"{fn.__qualname__} must take the Context as its first parameter")
     out: list[Param] = []
     for p in params[1:]:
-        convert, what = converter_for(hints.get(p.name, p.annotation))
+        convert, what = converter_for(hints[p.name] if p.name in hints else _resolve(fn, p.name, p.annotation))
         if p.kind in positional:
             out.append(Param(p.name, ParamKind.WORD, convert, what, p.default))
         elif p.kind is inspect.Parameter.VAR_POSITIONAL:
