@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Protocol
 
 import pytest
 import zmq
@@ -110,6 +111,30 @@ def client_factory(broker: RunningBroker) -> Iterator[Callable[..., Client]]:
 
     yield factory
     for client in clients:
+        client.close()
+
+
+class Connect(Protocol):
+    def __call__(self, rb: RunningBroker, nick: str | None, *rooms: str, timeout: float = 5.0) -> Client: ...
+
+
+@pytest.fixture
+def connect(broker_factory: Callable[..., RunningBroker]) -> Iterator[Connect]:
+    """Like ``client_factory`` but for any broker (``broker_factory`` ones with a custom config):
+    ``connect(rb, nick, *rooms)``. Closed at teardown, before the brokers stop."""
+    made: list[Client] = []
+
+    def factory(rb: RunningBroker, nick: str | None, *rooms: str, timeout: float = 5.0) -> Client:
+        client = Client(rb.router, rb.pub, timeout=timeout)
+        made.append(client)
+        if nick is not None:
+            client.connect(nick)
+            for room in rooms:
+                client.join(room)
+        return client
+
+    yield factory
+    for client in made:
         client.close()
 
 

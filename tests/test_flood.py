@@ -9,7 +9,7 @@ from __future__ import annotations
 import statistics
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import pytest
@@ -17,13 +17,12 @@ import zmq
 
 from zchat.broker import BrokerConfig
 from zchat.broker.ratelimit import Rate, RateLimits
-from zchat.client import Client
 from zchat.common.codec import decode_reply, encode
 from zchat.common.codes import ErrorCode
 from zchat.common.protocol import ErrorReply, Hello, Join, Joined, Reply, Say, Sent, Welcome
 
 if TYPE_CHECKING:
-    from tests.conftest import RunningBroker
+    from tests.conftest import Connect, RunningBroker
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -55,33 +54,17 @@ def raw(zctx: zmq.Context[zmq.Socket[bytes]]) -> Callable[[RunningBroker], Raw]:
     return lambda rb: Raw(zctx, rb.router)
 
 
-@pytest.fixture
-def bystander_factory() -> Iterator[Callable[[RunningBroker], Client]]:
-    clients: list[Client] = []
-
-    def make(rb: RunningBroker) -> Client:
-        client = Client(rb.router, rb.pub, timeout=5.0)
-        clients.append(client)
-        return client
-
-    yield make
-    for client in clients:
-        client.close()
-
-
 def test_a_flooder_gets_its_budget_and_others_keep_their_round_trip(
     broker_factory: Callable[..., RunningBroker],
     raw: Callable[[RunningBroker], Raw],
-    bystander_factory: Callable[[RunningBroker], Client],
+    connect: Connect,
 ) -> None:
     rate, burst, total = 50.0, 100, 3000
     rb = broker_factory(BrokerConfig(rate_limits=RateLimits(messages=Rate(rate, burst), strikes=0)))
     flooder = raw(rb)
     assert type(flooder.call(Hello, "flooder")) is Welcome
     assert type(flooder.call(Join, "general")) is Joined
-    bob = bystander_factory(rb)
-    bob.connect("bob")
-    bob.join("general")
+    bob = connect(rb, "bob", "general")
     counts = {"sent": 0, "limited": 0}
     span: list[float] = []
 
@@ -122,7 +105,7 @@ def test_a_flooder_gets_its_budget_and_others_keep_their_round_trip(
 def test_a_flooder_that_keeps_going_is_disconnected_for_a_while(
     broker_factory: Callable[..., RunningBroker],
     raw: Callable[[RunningBroker], Raw],
-    bystander_factory: Callable[[RunningBroker], Client],
+    connect: Connect,
 ) -> None:
     limits = RateLimits(messages=Rate(1, 5), strikes=20, penalty=30.0)
     rb = broker_factory(BrokerConfig(rate_limits=limits))
@@ -130,9 +113,7 @@ def test_a_flooder_that_keeps_going_is_disconnected_for_a_while(
     identity = "flooder-identity-0123456789"
     assert type(flooder.call(Hello, "flooder", identity)) is Welcome
     assert type(flooder.call(Join, "general")) is Joined
-    bob = bystander_factory(rb)
-    bob.connect("bob")
-    bob.join("general")
+    bob = connect(rb, "bob", "general")
     replies = [flooder.call(Say, "general", "spam") for _ in range(25)]
     assert [type(r) for r in replies[:5]] == [Sent] * 5
     refused = replies[5:]

@@ -25,7 +25,7 @@ import unicodedata
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import IO, TYPE_CHECKING, Any, Protocol
+from typing import IO, TYPE_CHECKING, Any
 
 import pytest
 import zmq
@@ -39,7 +39,7 @@ from zchat.common.limits import Limits
 from zchat.common.protocol import ErrorReply, Event, Hello, Pong, Reply, RoomInfo, Sent, Welcome
 
 if TYPE_CHECKING:
-    from tests.conftest import RunningBroker
+    from tests.conftest import Connect, RunningBroker
 
 Context = zmq.Context[zmq.Socket[bytes]]
 Socket = zmq.Socket[bytes]
@@ -52,32 +52,6 @@ QUIET = 0.5
 
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-class Connect(Protocol):
-    def __call__(self, rb: RunningBroker, nick: str | None, *rooms: str, timeout: float = WAIT) -> Client: ...
-
-
-@pytest.fixture
-def connect(broker_factory: Callable[..., RunningBroker]) -> Iterator[Connect]:
-    """Like ``client_factory`` but for any broker (``broker_factory`` ones with a custom config).
-
-    It depends on ``broker_factory`` so that its clients are closed before the brokers stop.
-    """
-    made: list[Client] = []
-
-    def factory(rb: RunningBroker, nick: str | None, *rooms: str, timeout: float = WAIT) -> Client:
-        client = Client(rb.router, rb.pub, timeout=timeout)
-        made.append(client)
-        if nick is not None:
-            client.connect(nick)
-            for room in rooms:
-                client.join(room)
-        return client
-
-    yield factory
-    for client in made:
-        client.close()
 
 
 def raw(ctx: Context, kind: int, endpoint: str) -> Socket:
