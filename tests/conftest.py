@@ -58,6 +58,12 @@ class RunningBroker:
         assert not self.thread.is_alive(), "broker did not stop within 5 s"
 
 
+#: The broker's default flood limits, for tests that want them: start_broker turns off limits
+#: that *equal* the defaults (a config that does not mention them), so this copy differs in a
+#: bound no test reaches.
+DEFAULT_RATE_LIMITS = replace(RateLimits(), max_principals=RateLimits().max_principals + 1)
+
+
 def start_broker(config: BrokerConfig | None = None, data_dir: Path | None = None) -> RunningBroker:
     """A broker on OS-chosen loopback ports; its SQLite store in ``data_dir`` (or a temp dir)."""
     config = config or BrokerConfig()

@@ -599,3 +599,30 @@ def test_bot_cli_exits_1_with_a_refused_key(keys: Keys, secure: RunningBroker) -
                 "--server-key", str(keys.public("server")), "--key", str(keys.secret("robot"))])
     assert done.returncode == 1
     assert "refused this client's key" in done.stderr
+
+
+@pytest.mark.timeout(30)
+def test_joining_a_hundred_rooms_stays_within_the_default_flood_limits(
+    keys: Keys, broker_factory: Callable[..., RunningBroker]
+) -> None:
+    """With CURVE every SUB subscription is charged to the key too (joins, topics, syncs):
+    the default budget must let a client join as many rooms as a session may hold."""
+    from tests.conftest import DEFAULT_RATE_LIMITS
+
+    config = BrokerConfig(curve_secret_key=keys.secret("server"), authorized_keys=keys.authorized,
+                          store="memory", rate_limits=DEFAULT_RATE_LIMITS)
+    rb = broker_factory(config)
+    keys.make("alice")
+    client = Client(rb.router, rb.pub, timeout=CLIENT_TIMEOUT, server_key=str(keys.public("server")),
+                    key=keys.secret("alice"))
+    try:
+        client.connect("alice")
+        rooms = [f"room{i}" for i in range(rb.broker.config.limits.max_rooms_per_session)]
+        for room in rooms:
+            client.join(room)
+        assert client.say(rooms[-1], "made it").seq == 1
+        counters = rb.broker.submit(rb.broker.core.snapshot).result(timeout=5)
+        assert counters["rate_limited_total"] == 0
+        assert counters["sessions"] == 1
+    finally:
+        client.close()

@@ -378,3 +378,17 @@ def test_history_and_joins_have_budgets_too() -> None:
     assert error(net.send(A, History, "general")) is ErrorCode.RATE_LIMITED
     ok(net.send(A, Join, "a"), Joined)  # the second of two: the first was #general
     assert error(net.send(A, Join, "b")) is ErrorCode.RATE_LIMITED
+
+
+def test_subscriptions_over_the_budget_are_denied_without_strikes() -> None:
+    """The SUB side never sees a retry_after, so its refusals must not disconnect the key."""
+    rates = RateLimits(subscriptions=Rate(1, 3), strikes=2, penalty=30.0)
+    net = Net(BrokerCore(rate_limits=rates, secure=True), {A: KEY_A})
+    net.hello(A, "ann")
+    topic = net.topics[A]
+    decisions = [net.subscribe(A, topic) for _ in range(10)]
+    assert decisions[:3] == [Subscription.GRANT] * 3
+    assert set(decisions[3:]) == {Subscription.DENY}
+    assert A in net.core.sessions  # ten refusals, no penalty
+    net.advance(1.0)
+    assert net.subscribe(A, topic) is Subscription.GRANT

@@ -71,8 +71,8 @@ def test_rate_limits_defaults_and_off() -> None:
     assert (limits.messages, limits.bytes, limits.subscriptions, limits.history) == (
         Rate(2, 20),
         Rate(8192, 65536),
-        Rate(5, 200),
-        Rate(5, 100),
+        Rate(10, 400),
+        Rate(10, 200),
     )
     assert (limits.strikes, limits.strike_window, limits.penalty, limits.max_principals) == (50, 10.0, 60.0, 100_000)
     assert [limits.rate(kind) for kind in Kind] == [limits.messages, limits.bytes, limits.subscriptions, limits.history]

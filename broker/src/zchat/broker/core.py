@@ -385,9 +385,9 @@ class BrokerCore:
 
     def _subscription_limited(self, key: str) -> bool:
         assert self.flood is not None
-        verdict, _ = self.flood.charge(key, Kind.SUBSCRIPTIONS, self.mono)
-        if verdict is Verdict.PENALISED:
-            self._penalise(key)
+        # No strike for a denied subscription: the SUB side never sees a retry_after to
+        # pace itself by; a client whose sync goes unanswered just asks again later.
+        verdict, _ = self.flood.charge(key, Kind.SUBSCRIPTIONS, self.mono, strike=False)
         return verdict is not Verdict.OK
 
     def _charge(self, session: Session, request: Request, size: int) -> Reply | None:

@@ -102,8 +102,8 @@ class RateLimits:
 
     messages: Rate | None = Rate(2, 20)
     bytes: Rate | None = Rate(8192, 65536)
-    subscriptions: Rate | None = Rate(5, 200)
-    history: Rate | None = Rate(5, 100)
+    subscriptions: Rate | None = Rate(10, 400)
+    history: Rate | None = Rate(10, 200)
     strikes: int = 50
     strike_window: float = 10.0
     penalty: float = 60.0
@@ -185,8 +185,13 @@ class FloodControl:
         """How many principals are tracked."""
         return len(self._states)
 
-    def charge(self, principal: str, kind: Kind, now: float, amount: float = 1.0) -> tuple[Verdict, float]:
+    def charge(
+        self, principal: str, kind: Kind, now: float, amount: float = 1.0, *, strike: bool = True
+    ) -> tuple[Verdict, float]:
         """Take ``amount`` (>= 0) tokens of ``kind`` from ``principal``'s bucket at ``now``.
+
+        ``strike=False`` refuses without counting a strike: for traffic a well-behaved peer
+        cannot pace by a ``retry_after`` it never sees (the SUB side's subscriptions).
 
         Returns:
             ``(OK, 0.0)``: taken. ``(LIMITED, retry_after)``: refused, nothing taken, a
@@ -223,12 +228,14 @@ class FloodControl:
             levels[i] = tokens - amount
             levels[i + 1] = stamp
             return _OK
-        return self._refuse(state, rate, i, now, amount)
+        return self._refuse(state, rate, i, now, amount, strike=strike)
 
-    def _refuse(self, state: _Principal, rate: Rate, i: int, now: float, amount: float) -> tuple[Verdict, float]:
+    def _refuse(
+        self, state: _Principal, rate: Rate, i: int, now: float, amount: float, *, strike: bool
+    ) -> tuple[Verdict, float]:
         """Record a strike; penalise if it is one too many; else say when to retry."""
         limits = self._limits
-        if limits.strikes:
+        if limits.strikes and strike:
             strikes = state.strikes
             if strikes is None or strikes.maxlen != limits.strikes:
                 strikes = state.strikes = deque(strikes or (), maxlen=limits.strikes)
