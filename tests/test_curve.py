@@ -38,6 +38,7 @@ from zchat.common.keys import (
     load_public_key,
     load_secret_key,
     write_key_pair,
+    write_public_key,
 )
 from zchat.common.protocol import Hello, Welcome
 
@@ -245,6 +246,44 @@ def test_zap_handler_sees_keys_added_at_once_and_removed_on_refresh(tmp_path: Pa
 def test_zap_handler_needs_the_directory(tmp_path: Path) -> None:
     with pytest.raises(KeyFileError, match="no such directory"):
         ZapHandler(tmp_path / "missing", generate().public)
+
+
+@pytest.mark.timeout(10)
+def test_zap_handler_answers_malformed_requests_and_fails_closed_without_its_directory(tmp_path: Path) -> None:
+    server, alice = generate(), generate()
+    keys = tmp_path / "authorized"
+    keys.mkdir()
+    write_public_key(keys / "alice.key", alice.public)
+    zap = ZapHandler(keys, server.public)
+    for short in ([], [b"1.0"], [b"1.0", b"7", b"zchat"]):
+        reply = zap.handle(short, 0.0)
+        assert len(reply) == 6 and reply[2] == b"500"  # still a well-formed ZAP reply
+    shutil.rmtree(keys)  # removed while running: nobody but the broker itself
+    assert zap.handle(zap_request(raw(alice.public)), 1.0)[2] == b"400"
+    assert zap.take_revoked() and zap.allowed == {server.public}
+    assert zap.handle(zap_request(raw(server.public)), 1.0)[2] == b"200"
+    keys.mkdir()  # and back: its first handshake sees it
+    write_public_key(keys / "alice.key", alice.public)
+    assert zap.handle(zap_request(raw(alice.public)), 1.0)[2] == b"200"
+    assert not zap.take_revoked()
+
+
+@pytest.mark.timeout(10)
+def test_zap_handler_does_not_revoke_a_key_whose_file_is_being_rewritten(tmp_path: Path) -> None:
+    """A key file caught half-way through a rewrite in place (``cp`` over it) keeps its key
+    until a later check; one that stays broken is dropped then."""
+    server, alice = generate(), generate()
+    path = tmp_path / "alice.key"
+    write_public_key(path, alice.public)
+    zap = ZapHandler(tmp_path, server.public)
+    path.write_text("#   ZeroMQ CURVE Public Certificate\n")  # the first half of the new content
+    zap.refresh(10.0)
+    assert alice.public in zap.allowed and not zap.take_revoked()  # not "your key was revoked"
+    assert zap.handle(zap_request(raw(alice.public)), 10.0)[2] == b"200"
+    old = time.time() - 10
+    os.utime(path, (old, old))  # still broken long after its last write: a broken file
+    zap.refresh(20.0)
+    assert alice.public not in zap.allowed and zap.take_revoked()
 
 
 # -- a broker in secure mode -------------------------------------------------------------------
@@ -626,3 +665,27 @@ def test_joining_a_hundred_rooms_stays_within_the_default_flood_limits(
         assert counters["sessions"] == 1
     finally:
         client.close()
+
+
+@pytest.mark.timeout(30)
+def test_a_revoked_client_that_keeps_retrying_leaks_nothing_and_closes(
+    keys: Keys, secure: RunningBroker, clients: Callable[..., Client]
+) -> None:
+    keys.make("gone")
+    client = clients("gone")
+    client.connect("gone")
+    inner = client._client
+    attempts: list[int] = []
+    real_open = inner._open_sockets
+
+    def open_sockets() -> None:
+        real_open()
+        attempts.append(len([s for s in inner._ctx._sockets if not s.closed]))
+
+    inner._open_sockets = open_sockets  # type: ignore[method-assign]
+    keys.revoke("gone")
+    wait_until(lambda: len(attempts) >= 4, timeout=20)
+    assert len(set(attempts)) == 1, attempts  # the same few sockets each time, not more
+    start = time.monotonic()
+    client.close()
+    assert time.monotonic() - start < 2

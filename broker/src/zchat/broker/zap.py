@@ -150,7 +150,15 @@ class ZapHandler:
             # Fail closed: nobody but the broker itself until the directory is back.
             log.error("cannot read the authorized keys (%s): refusing every client key until it can", exc)
             signature, files, skipped = None, {}, []
+        previous = {path: key for key, path in self._files.items()}
         for problem in skipped:
+            key = previous.get(problem.path)
+            if key is not None and _written_lately(problem.path):
+                # Most likely caught half-way through being rewritten in place (cp, echo >):
+                # keep its key, and read it again at the next check (signature unknown).
+                files.setdefault(key, problem.path)
+                signature = None
+                continue
             log.warning("skipping %s", problem)
         allowed = frozenset({*files, self.server_key})
         added, removed = allowed - self._allowed, self._allowed - allowed
@@ -174,3 +182,11 @@ class ZapHandler:
             self._refusals_logged[key] = now
             log.info("handshake from %s refused: %s %s (not in %s)", peer, why, key, self.directory)
         return [ZAP_VERSION, request_id, status, why.encode(), b"", b""]
+
+
+def _written_lately(path: Path) -> bool:
+    """Whether ``path`` was modified less than ``_RECENT_NS`` ago (False if it is gone)."""
+    try:
+        return time.time_ns() - path.stat().st_mtime_ns < _RECENT_NS
+    except OSError:
+        return False

@@ -97,7 +97,7 @@ from zchat.common.protocol import (
     Who,
 )
 
-from .core import DM, ClientCore, raise_for_error
+from .core import DM, REMOVALS, ClientCore, raise_for_error
 
 log = logging.getLogger("zchat.client")
 
@@ -315,6 +315,9 @@ class AsyncClient:
         self._tasks: list[asyncio.Task[None]] = []
         self._fills: dict[str, asyncio.Task[None]] = {}
         self._rekeys: dict[str, asyncio.Task[None]] = {}
+        # For each join under way, the rekeys and removals of this session read meanwhile,
+        # by room, with whether they waited for their room's joined reply: see _join.
+        self._joins: list[dict[str, list[tuple[Event, bool]]]] = []
         self._gates: dict[str, _Gate] = {}  # flood control, by bucket (_BUCKETS)
         self._connected = asyncio.Event()
         self._closing = asyncio.Event()
@@ -372,7 +375,9 @@ class AsyncClient:
         ``history`` overrides the client's default number of past messages to deliver.
         """
         known_topics = set(self.core.rooms.values())
-        joined = await self._call(Joined, Join, room, private)
+        joined = await self._join(room, private)
+        if joined.room not in self.core.rooms:
+            return joined  # removed at once: the kick or ban is delivered
         if private and joined.private:
             self.core.keep_private.add(joined.room)
         count = self.join_history if history is None else history
@@ -390,6 +395,44 @@ class AsyncClient:
         # hear it; from here on, everything newer arrives live.
         await self._fill(joined.room, at_least_once=True)
         return joined
+
+    async def _join(self, room: str, private: bool, *, rejoin: bool = False) -> Joined:
+        """Send ``join`` (``rejoin``: for a reconnection, resent while ``rate_limited``), then
+        apply the rekeys and removals of this session read while it was under way.
+
+        Replies and events come on two sockets, so a ``rekey`` or a ``kick`` that the broker
+        sent after the ``joined`` reply may be read before it: one of a room not joined yet
+        waited for the reply (:meth:`_note_for_join`) and is applied now, as if read after
+        it; one already applied is applied again, since the reply may have brought back the
+        room or its older topic (a rekey whose topic the reply has already is ignored).
+        """
+        notes: dict[str, list[tuple[Event, bool]]] = {}
+        self._joins.append(notes)
+        try:
+            if rejoin:
+                joined = await self._call_patiently(Joined, Join, room, private, wait=False)
+            else:
+                joined = await self._call(Joined, Join, room, private)
+        finally:
+            self._joins.remove(notes)
+        for event, waited in notes.get(joined.room, []):
+            if event.kind is EventKind.REKEY:
+                self._on_rekey(event)
+            elif waited:
+                self._deliver(self.core.accept(event))
+            else:
+                self.core.drop_room(joined.room)
+        return joined
+
+    def _note_for_join(self, event: Event) -> bool:
+        """While joins are under way, note a ``rekey`` or a removal of this session for
+        :meth:`_join`; True if it must wait for its room's ``joined`` reply (not joined yet)."""
+        if not self._joins or event.room is None:
+            return False
+        waits = event.room not in self.core.rooms
+        for notes in self._joins:
+            notes.setdefault(event.room, []).append((event, waits))
+        return waits
 
     async def leave(self, room: str) -> None:
         """Leave ``room`` and stop receiving its events."""
@@ -914,11 +957,13 @@ class AsyncClient:
         """
         was_private = room in self.core.private
         try:
-            joined = await self._call_patiently(Joined, Join, room, room in self.core.keep_private, wait=False)
+            joined = await self._join(room, room in self.core.keep_private, rejoin=True)
         except RequestError as exc:
             if exc.code not in _GONE:
                 raise
             return self._drop_room(room, f"could not rejoin: {exc.reason}")
+        if joined.room not in self.core.rooms:
+            return None  # removed meanwhile: the kick or ban is delivered
         if was_private and not joined.private:
             await self._call(Left, Leave, room, wait=False)
             return self._drop_room(room, "the private room is gone from the broker")
@@ -984,6 +1029,9 @@ class AsyncClient:
             if event.kind is EventKind.GOAWAY:  # the broker is stopping: reconnect (to its successor)
                 self._lose(event.text or "the broker is going away")
                 continue
+            ours = event.kind is EventKind.REKEY or (event.kind in REMOVALS and self.core.is_me(event.nick))
+            if ours and self._note_for_join(event):
+                continue  # it follows a joined reply not read yet: _join applies it
             if event.kind is EventKind.REKEY:
                 self._on_rekey(event)
                 continue

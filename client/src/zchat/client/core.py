@@ -327,9 +327,15 @@ class ClientCore:
 
     def rekeyed(self, move: Rekey) -> bool:
         """Record that ``move`` is done (the new topic is in force); False if it no longer
-        applies (the room was left, or its topic changed meanwhile), so the subscription to
-        the new topic is not wanted."""
-        if self.rooms.get(move.room) != move.old:
+        applies (the room was left, or a ``joined`` reply brought the new topic first), so
+        this move's subscription to the new topic is not wanted.
+
+        A ``joined`` reply that brought another topic meanwhile is older than the move: the
+        broker answered the join before the move (a later move would carry a later rekey,
+        which follows this one), so the move still applies.
+        """
+        current = self.rooms.get(move.room)
+        if current is None or current == move.new:
             return False
         self.rooms[move.room] = move.new
         return True
