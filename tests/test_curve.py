@@ -668,12 +668,15 @@ def test_joining_a_hundred_rooms_stays_within_the_default_flood_limits(
 
 
 @pytest.mark.timeout(30)
-def test_a_revoked_client_that_keeps_retrying_leaks_nothing_and_closes(
+def test_a_revoked_client_stops_reconnecting_and_says_why(
     keys: Keys, secure: RunningBroker, clients: Callable[..., Client]
 ) -> None:
+    """Its key refused, retrying cannot help: the client stops, calls raise the refusal,
+    events() ends, nothing leaks and close() is prompt."""
     keys.make("gone")
     client = clients("gone")
     client.connect("gone")
+    client.join("general")
     inner = client._client
     attempts: list[int] = []
     real_open = inner._open_sockets
@@ -684,8 +687,11 @@ def test_a_revoked_client_that_keeps_retrying_leaks_nothing_and_closes(
 
     inner._open_sockets = open_sockets  # type: ignore[method-assign]
     keys.revoke("gone")
-    wait_until(lambda: len(attempts) >= 4, timeout=20)
-    assert len(set(attempts)) == 1, attempts  # the same few sockets each time, not more
+    wait_until(lambda: inner.refused is not None, timeout=20)
+    assert inner.refused is not None and inner.refused.failure is AuthFailure.KEY_REFUSED
+    with pytest.raises(AuthenticationFailed):
+        client.say("general", "anyone?")
+    assert len(attempts) == 1, attempts  # one try after the goaway, then no more
     start = time.monotonic()
     client.close()
     assert time.monotonic() - start < 2

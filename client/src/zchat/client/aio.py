@@ -321,6 +321,9 @@ class AsyncClient:
         self._gates: dict[str, _Gate] = {}  # flood control, by bucket (_BUCKETS)
         self._connected = asyncio.Event()
         self._closing = asyncio.Event()
+        #: Set when the broker refused our key on a reconnection (it was revoked): the client
+        #: stops reconnecting, and calls raise it.
+        self.refused: AuthenticationFailed | None = None
         self._lost = asyncio.Event()
         self._last_heard = 0.0
         self._wanted_nick = ""
@@ -561,7 +564,7 @@ class AsyncClient:
             self._room_for_events.set()
         if event is None:
             self._events.put_nowait(None)  # leave the end marker for the next reader
-            raise ConnectionClosed("the client is closed")
+            raise self.refused or ConnectionClosed("the client is closed")
         return event
 
     async def events(self) -> AsyncIterator[Event]:
@@ -599,14 +602,14 @@ class AsyncClient:
     async def _wait_connected(self, timeout: float) -> bool:
         """Wait until connected (True) or ``timeout`` passes (False); raise if closed meanwhile."""
         if self._closing.is_set():
-            raise ConnectionClosed("the client is closed")
+            raise self.refused or ConnectionClosed("the client is closed")
         waiters = [asyncio.create_task(self._connected.wait()), asyncio.create_task(self._closing.wait())]
         try:
             await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             await _cancel_and_wait(waiters)  # type: ignore[arg-type]
         if self._closing.is_set():
-            raise ConnectionClosed("the client was closed")
+            raise self.refused or ConnectionClosed("the client was closed")
         return self._connected.is_set()
 
     async def _exchange(self, cls: type[Request], args: tuple[Any, ...], timeout: float) -> Reply:
@@ -944,6 +947,16 @@ class AsyncClient:
                 if exc.code is ErrorCode.NICK_TAKEN:  # taken while we were away, as IRC clients do
                     self._wanted_nick = self._wanted_nick[:31] + "_"
                 log.info("reconnection refused (%s); next try in %.1f s", exc, delay)
+            except AuthenticationFailed as exc:
+                if exc.failure is AuthFailure.KEY_REFUSED:
+                    # Our key was removed from the broker's authorized keys: trying again
+                    # cannot help. Calls waiting for the reconnection raise this instead.
+                    log.error("not reconnecting: %s", exc)
+                    self.refused = exc
+                    self._closing.set()
+                    self._events.put_nowait(None)  # events() ends
+                    return
+                log.info("reconnection failed (%s); next try in %.1f s", exc, delay)
             except (RequestTimeout, ConnectionClosed) as exc:
                 log.info("reconnection failed (%s); next try in %.1f s", exc, delay)
             await asyncio.sleep(delay)
