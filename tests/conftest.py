@@ -101,33 +101,15 @@ def broker(broker_factory: Callable[..., RunningBroker]) -> RunningBroker:
     return broker_factory()
 
 
-@pytest.fixture
-def client_factory(broker: RunningBroker) -> Iterator[Callable[..., Client]]:
-    """Make connected clients of ``broker``; ``factory(nick, rooms...)``. Closed at teardown."""
-    clients: list[Client] = []
-
-    def factory(nick: str | None = None, *rooms: str, timeout: float = 5.0) -> Client:
-        client = Client(broker.router, broker.pub, timeout=timeout)
-        clients.append(client)
-        if nick is not None:
-            client.connect(nick)
-            for room in rooms:
-                client.join(room)
-        return client
-
-    yield factory
-    for client in clients:
-        client.close()
-
-
 class Connect(Protocol):
     def __call__(self, rb: RunningBroker, nick: str | None, *rooms: str, timeout: float = 5.0) -> Client: ...
 
 
 @pytest.fixture
 def connect(broker_factory: Callable[..., RunningBroker]) -> Iterator[Connect]:
-    """Like ``client_factory`` but for any broker (``broker_factory`` ones with a custom config):
-    ``connect(rb, nick, *rooms)``. Closed at teardown, before the brokers stop."""
+    """Make clients of any broker (``broker_factory`` ones with a custom config):
+    ``connect(rb, nick, *rooms)`` connects and joins unless ``nick`` is None. Closed at
+    teardown, before the brokers stop."""
     made: list[Client] = []
 
     def factory(rb: RunningBroker, nick: str | None, *rooms: str, timeout: float = 5.0) -> Client:
@@ -142,6 +124,16 @@ def connect(broker_factory: Callable[..., RunningBroker]) -> Iterator[Connect]:
     yield factory
     for client in made:
         client.close()
+
+
+@pytest.fixture
+def client_factory(broker: RunningBroker, connect: Connect) -> Callable[..., Client]:
+    """``connect`` for the default ``broker``: ``factory(nick, rooms...)``."""
+
+    def factory(nick: str | None = None, *rooms: str, timeout: float = 5.0) -> Client:
+        return connect(broker, nick, *rooms, timeout=timeout)
+
+    return factory
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ import asyncio
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import pytest
@@ -36,7 +36,7 @@ from zchat.common.errors import ClientError
 from zchat.common.protocol import Event, Sent
 
 if TYPE_CHECKING:
-    from tests.conftest import BrokerProcess, RunningBroker
+    from tests.conftest import BrokerProcess, Connect, RunningBroker
 
 #: Seconds any single wait may take before the test fails.
 WAIT = 10.0
@@ -114,22 +114,6 @@ def answers(predicate: Callable[[], object]) -> Callable[[], bool]:
             return False
 
     return poll
-
-
-@pytest.fixture
-def connect(broker_factory: Callable[..., RunningBroker]) -> Iterator[Callable[..., Client]]:
-    """Connected clients of any broker (``broker_factory`` ones); closed before the brokers stop."""
-    made: list[Client] = []
-
-    def factory(rb: RunningBroker, nick: str, timeout: float = WAIT) -> Client:
-        client = Client(rb.router, rb.pub, timeout=timeout)
-        made.append(client)
-        client.connect(nick)
-        return client
-
-    yield factory
-    for client in made:
-        client.close()
 
 
 # -- a private room's life ---------------------------------------------------------------------
@@ -236,13 +220,13 @@ def test_a_kick_in_the_middle_of_a_conversation_leaves_no_gap(client_factory: Ma
 
 
 def test_what_the_new_topic_carried_before_a_client_moved_comes_from_history(
-    broker_factory: Callable[..., RunningBroker], connect: Callable[..., Client]
+    broker_factory: Callable[..., RunningBroker], connect: Connect
 ) -> None:
     """dave's client is slow to act on the rekey: carol's last messages go out on the new
     topic before dave listens to it, and nothing comes after them (no tick either, to reveal
     a gap). The fill that ends the move brings them, once, in order."""
     rb = broker_factory(BrokerConfig(tick_interval=3600))
-    alice, bob, carol, dave = (connect(rb, nick) for nick in ("alice", "bob", "carol", "dave"))
+    alice, bob, carol, dave = (connect(rb, nick, timeout=WAIT) for nick in ("alice", "bob", "carol", "dave"))
     alice.join("den", private=True)
     for client in (bob, carol, dave):
         alice.invite("den", client.current_nick or "")
