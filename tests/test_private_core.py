@@ -59,6 +59,7 @@ class Net:
         self.now, self.mono = NOW, 0.0
         core.set_time(self.now, self.mono)
         self.topics: dict[bytes, bytes] = {}
+        self.identities: dict[bytes, str] = {}
         self.published: list[tuple[bytes, Event]] = []
         self._rid = 0
 
@@ -77,6 +78,7 @@ class Net:
     def hello(self, peer: bytes, nick: str) -> Welcome:
         welcome = ok(self.send(peer, Hello, nick), Welcome)
         self.topics[peer] = welcome.topic.encode()
+        self.identities[peer] = welcome.client
         return welcome
 
     def events(self) -> list[tuple[bytes, Event]]:
@@ -392,3 +394,22 @@ def test_subscriptions_over_the_budget_are_denied_without_strikes() -> None:
     assert A in net.core.sessions  # ten refusals, no penalty
     net.advance(1.0)
     assert net.subscribe(A, topic) is Subscription.GRANT
+
+
+def test_private_rooms_a_principal_may_create_are_bounded_also_across_a_restart() -> None:
+    store = MemoryStore()
+    net = Net(BrokerCore(store=store, limits=Limits(max_private_rooms_per_key=2)))
+    net.hello(A, "ann")
+    ok(net.send(A, Join, "one", True), Joined)
+    ok(net.send(A, Join, "two", True), Joined)
+    assert error(net.send(A, Join, "three", True)) is ErrorCode.TOO_MANY_ROOMS
+    ok(net.send(A, Join, "three"), Joined)  # a public room is not kept: no bound
+    later = Net(BrokerCore(store=store, limits=Limits(max_private_rooms_per_key=2)))
+    # The same principal after the restart: without CURVE, its client identity.
+    ok(later.send(A, Hello, "ann", _identity_of(net, A)), Welcome)
+    assert error(later.send(A, Join, "four", True)) is ErrorCode.TOO_MANY_ROOMS
+
+
+def _identity_of(net: Net, peer: bytes) -> str:
+    """The client identity the welcome handed ``peer`` (its principal without CURVE)."""
+    return net.identities[peer]

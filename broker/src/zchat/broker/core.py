@@ -254,6 +254,7 @@ class BrokerCore:
         self.inboxes: dict[str, list[Session]] = {}
         self.clients: dict[str, Session] = {}
         self.acls: dict[str, RoomAcl] = self.store.private_rooms()
+        self._created = Counter(acl.creator for acl in self.acls.values())  # private rooms by creator
         self.private_topics: dict[bytes, Session] = {}
         self.rooms: dict[str, Room] = {}
         self.room_topics: dict[bytes, Room] = {}
@@ -779,6 +780,10 @@ class BrokerCore:
             return self._error(req.rid, ErrorCode.TOO_MANY_ROOMS, f"a session may be in at most {limit} rooms")
         if acl is None and req.private:
             p = session.principal
+            if self._created[p] >= self.limits.max_private_rooms_per_key:
+                limit = self.limits.max_private_rooms_per_key
+                return self._error(req.rid, ErrorCode.TOO_MANY_ROOMS, f"you may create at most {limit} private rooms")
+            self._created[p] += 1
             acl = self.acls[req.room] = RoomAcl(req.room, p, self.now, {p}, {p}, set())
             self._save_acl(acl)
             log.info("private room %s created by %s", req.room, session.nick)

@@ -25,6 +25,8 @@ class Limits:
         max_sessions_per_key: how many sessions one client key may hold at once (secure mode).
         max_nicks_per_key: how many nicks one client key may own (secure mode).
         max_subject: longest room topic (subject line), in characters (IRC's TOPICLEN).
+        max_private_rooms_per_key: how many private rooms one principal may create (they
+            are kept for good, so this bounds what one key can make the broker store).
     """
 
     max_frame: int = 64 * 1024
@@ -36,6 +38,7 @@ class Limits:
     max_sessions_per_key: int = 10
     max_nicks_per_key: int = 10
     max_subject: int = 390
+    max_private_rooms_per_key: int = 100
 
 
 DEFAULT_LIMITS = Limits()
