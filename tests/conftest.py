@@ -28,14 +28,6 @@ LOOPBACK = "tcp://127.0.0.1:*"
 READY = re.compile(rb"zchat-broker ready router=(\S+) pub=(\S+)")
 
 
-def wait_until(predicate: Callable[[], object], timeout: float = 5.0, interval: float = 0.01) -> None:
-    """Poll ``predicate`` until it is true; fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s: {predicate}")
-        time.sleep(interval)
-
 
 @dataclass
 class RunningBroker:

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 import pytest
 import zmq
-from tests.wire import barrier
+from tests.support import barrier
 from zmq.utils.monitor import recv_monitor_message
 
 from zchat.broker import BrokerConfig

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import pytest
+from tests.support import wait_until
 
 from zchat.broker import BrokerConfig
 from zchat.broker.store import MemoryStore
@@ -59,15 +60,6 @@ pytestmark = pytest.mark.timeout(30)
 
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-def wait_until(predicate: Callable[[], object], timeout: float = WAIT, interval: float = 0.01) -> None:
-    """Poll ``predicate`` until it is true; fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s: {predicate}")
-        time.sleep(interval)
 
 
 class BotLoop:

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from typing import IO, TYPE_CHECKING, Any
 
 import pytest
+from tests.support import events_until
 
 from zchat.broker import __version__ as broker_version
 from zchat.client import Client, EventKind
@@ -52,18 +53,6 @@ def run(cmd: list[str], *, stdin: str = "", env: dict[str, str] | None = None) -
 def endpoints(rb: RunningBroker) -> list[str]:
     return ["--router", rb.router, "--pub", rb.pub]
 
-
-def events_until(client: Client, last: Callable[[Event], bool], timeout: float = WAIT) -> list[Event]:
-    """Events up to and including the first for which ``last`` is true."""
-    deadline = time.monotonic() + timeout
-    events: list[Event] = []
-    while not events or not last(events[-1]):
-        remaining = deadline - time.monotonic()
-        try:
-            events.append(client.recv_event(max(0.001, remaining)))
-        except TimeoutError:
-            raise AssertionError(f"condition not met within {timeout} s; got {events!r}") from None
-    return events
 
 
 def summary(events: list[Event]) -> list[tuple[str, str, str]]:

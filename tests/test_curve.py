@@ -23,6 +23,7 @@ import pytest
 import zmq
 import zmq.auth
 import zmq.utils.z85
+from tests.support import wait_until
 from zmq.utils.monitor import recv_monitor_message
 
 from zchat.broker import BrokerConfig
@@ -52,13 +53,6 @@ FAIL_FAST = 1.0
 #: The client timeout in these tests: a failure that waited for it would exceed FAIL_FAST.
 CLIENT_TIMEOUT = 5.0
 
-
-def wait_until(predicate: Callable[[], object], timeout: float) -> None:
-    """Poll ``predicate`` until it is true; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"condition not met within {timeout} s"
-        time.sleep(0.01)
 
 
 def mode(path: Path) -> int:

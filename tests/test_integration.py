@@ -14,6 +14,7 @@ the observer was ever going to receive arrives before the marker.
 from __future__ import annotations
 
 import asyncio
+import functools
 import queue
 import signal
 import subprocess
@@ -29,7 +30,8 @@ from typing import IO, TYPE_CHECKING, Any
 
 import pytest
 import zmq
-from tests.wire import barrier
+from tests import support
+from tests.support import barrier
 
 from zchat.broker import Broker, BrokerConfig
 from zchat.client import AsyncClient, Client, ClientState, ConnectionClosed, EventKind, RequestError
@@ -47,6 +49,8 @@ Map = dict[str, Any]
 
 #: Seconds any single wait may take before the test fails.
 WAIT = 5.0
+#: Events up to a condition, waiting at most WAIT by default.
+events_until = functools.partial(support.events_until, timeout=WAIT)
 #: Seconds a negative check waits where no barrier exists (the reply that never comes).
 QUIET = 0.5
 
@@ -89,26 +93,10 @@ def hello(ctx: Context, rb: RunningBroker, nick: str) -> tuple[Socket, bytes]:
     return dealer, welcome.topic.encode()
 
 
-def events_until(client: Client, last: Callable[[Event], bool], timeout: float = WAIT) -> list[Event]:
-    """Events up to and including the first for which ``last`` is true."""
-    deadline = time.monotonic() + timeout
-    events: list[Event] = []
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise AssertionError(f"condition not met within {timeout} s; got {events!r}")
-        try:
-            event = client.recv_event(remaining)
-        except TimeoutError:
-            raise AssertionError(f"condition not met within {timeout} s; got {events!r}") from None
-        events.append(event)
-        if last(event):
-            return events
-
 
 def next_event(client: Client, kind: EventKind, timeout: float = WAIT) -> Event:
     """The next event of ``kind``, skipping others."""
-    return events_until(client, lambda e: e.kind is kind, timeout)[-1]
+    return events_until(client, lambda e: e.kind is kind, timeout=timeout)[-1]
 
 
 def text_is(text: str) -> Callable[[Event], bool]:

@@ -22,11 +22,11 @@ from __future__ import annotations
 import asyncio
 import tempfile
 import threading
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import pytest
+from tests.support import events_until, wait_until
 
 from zchat.broker import BrokerConfig
 from zchat.broker.ratelimit import Rate, RateLimits
@@ -46,27 +46,6 @@ MakeClient = Callable[..., Client]
 
 # -- helpers ---------------------------------------------------------------------------------
 
-
-def wait_until(predicate: Callable[[], object], timeout: float = WAIT, interval: float = 0.01) -> None:
-    """Poll ``predicate`` until it is true; fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s: {predicate}")
-        time.sleep(interval)
-
-
-def events_until(client: Client, last: Callable[[Event], bool], timeout: float = WAIT) -> list[Event]:
-    """Events up to and including the first for which ``last`` is true."""
-    deadline = time.monotonic() + timeout
-    events: list[Event] = []
-    while not events or not last(events[-1]):
-        remaining = deadline - time.monotonic()
-        try:
-            events.append(client.recv_event(max(0.001, remaining)))
-        except TimeoutError:
-            raise AssertionError(f"condition not met within {timeout} s; got {events!r}") from None
-    return events
 
 
 def up_to_a_marker(client: Client) -> list[Event]:

@@ -1,18 +1,43 @@
-"""Helpers for tests that speak the wire protocol with raw pyzmq sockets."""
+"""Helpers shared by test modules: waiting for a condition, for events, for a sync marker."""
 
 from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Callable
 
 import zmq
 
+from zchat.client import Client
 from zchat.common.codec import decode_event
 from zchat.common.codes import EventKind
+from zchat.common.protocol import Event
 from zchat.common.topics import sync_subscription
 
 Socket = zmq.Socket[bytes]
 WAIT = 5.0
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.01) -> None:
+    """Poll ``predicate`` until it is true; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s: {predicate}")
+        time.sleep(interval)
+
+
+def events_until(client: Client, last: Callable[[Event], bool], timeout: float = 10.0) -> list[Event]:
+    """``client``'s events up to and including the first for which ``last`` is true."""
+    deadline = time.monotonic() + timeout
+    events: list[Event] = []
+    while not events or not last(events[-1]):
+        remaining = deadline - time.monotonic()
+        try:
+            events.append(client.recv_event(max(0.001, remaining)))
+        except TimeoutError:
+            raise AssertionError(f"condition not met within {timeout} s; got {events!r}") from None
+    return events
 
 
 def barrier(sock: Socket, private_topic: bytes, *, timeout: float = WAIT) -> list[list[bytes]]:
