@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from zchat.broker.store import (
+    _DELETE_OLD,
     Durability,
     MemoryStore,
     RoomAcl,
@@ -306,6 +307,43 @@ def test_sqlite_prunes_by_count_after_a_reopen(sqlite_path: Path) -> None:
         assert seqs(everything(again, ROOM)) == [8, 9, 10]
     finally:
         again.close()
+
+
+def test_sqlite_prunes_by_age_a_slice_of_channels_per_pass(
+    sqlite_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Retention by age visits PRUNE_CHANNELS channels a pass, in name order, wrapping
+    around; a pass that runs out of budget in a channel starts the next one there."""
+    monkeypatch.setattr(SqliteStore, "PRUNE_CHANNELS", 3)
+    store = SqliteStore(sqlite_path)
+    try:
+        channels = [f"r:room{n}" for n in range(7)]
+        for n, channel in enumerate(channels):
+            fill(store, channel, 1, 4, id_base=10 * n)  # ts T0 + 1 .. T0 + 4
+        fill(store, "r:fresh", 1, 4, id_base=100, ts_base=T0 + 50)  # none of it old
+        cutoff_age = 100 - 2.5  # now T0 + 100: seqs 1 and 2 of the old channels are old
+        # 14 old messages, 5 a pass at most, 3 of 8 channels a pass: two laps are plenty.
+        passes = [store.prune(T0 + 100, 1000, cutoff_age, 5) for _ in range(8)]
+        assert max(passes) <= 5 and sum(passes) == 2 * len(channels)
+        for channel in channels:
+            assert seqs(everything(store, channel)) == [3, 4]
+        assert seqs(everything(store, "r:fresh")) == [1, 2, 3, 4]
+    finally:
+        store.close()
+
+
+def test_sqlite_prune_by_age_reads_only_the_rows_it_deletes(sqlite_path: Path) -> None:
+    """The deletion goes through the primary key (no full scan, no index on ts)."""
+    store = SqliteStore(sqlite_path)
+    try:
+        fill(store, ROOM, 1, 3)
+        plan = " ".join(
+            str(row[-1])
+            for row in store._db.execute("EXPLAIN QUERY PLAN " + _DELETE_OLD, (ROOM, T0, ROOM, 10))
+        )
+        assert "SCAN messages" not in plan and "USING PRIMARY KEY" in plan
+    finally:
+        store.close()
 
 
 def test_sqlite_uses_wal(sqlite_path: Path) -> None:
@@ -655,7 +693,9 @@ def test_sqlite_opens_a_database_of_schema_1(sqlite_path: Path) -> None:
         store.register_nick("ann", ANN_KEY, "ann", T0)
         store.save_room(acl())
         assert store.commit() == 0
-        assert store._meta("schema") == 2
+        assert store._meta("schema") == 3
+        indexes = {row[0] for row in store._db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        assert "messages_by_ts" not in indexes  # schema 3: retention by age needs no index
     finally:
         store.close()
     again = SqliteStore(sqlite_path)

@@ -306,7 +306,7 @@ CREATE TABLE IF NOT EXISTS messages (
     PRIMARY KEY (channel, seq)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS messages_by_cmid ON messages (client, cmid) WHERE cmid IS NOT NULL;
-CREATE INDEX IF NOT EXISTS messages_by_ts ON messages (ts);
+DROP INDEX IF EXISTS messages_by_ts;
 CREATE TABLE IF NOT EXISTS channels (
     channel  TEXT    PRIMARY KEY,
     last_seq INTEGER NOT NULL
@@ -333,8 +333,16 @@ CREATE TABLE IF NOT EXISTS private_rooms (
 ) WITHOUT ROWID;
 """
 #: 2 added the nicks and private_rooms tables (created in a database of version 1 when it
-#: is opened: nothing else changed).
-SCHEMA_VERSION = 2
+#: is opened: nothing else changed). 3 dropped the index on ``ts``: it cost about 2 µs of
+#: every message's insert (a third of the store's time per message) for retention by age
+#: only, which now reads each channel's oldest row through the primary key instead. A
+#: broker of version 2 opening the file again recreates the index; both read it alike.
+SCHEMA_VERSION = 3
+#: Retention by age, in one channel: its oldest rows (up to a budget) older than a time.
+_DELETE_OLD = (
+    "DELETE FROM messages WHERE channel = ? AND ts < ? AND seq IN "
+    "(SELECT seq FROM messages WHERE channel = ? ORDER BY seq LIMIT ?)"
+)
 _COLUMNS = "channel, seq, id, ts, kind, room, sender, text, recipient, client, cmid"
 _ROOM_COLUMNS = "name, creator, created, members, ops, banned, subject"
 
@@ -413,6 +421,8 @@ class SqliteStore:
         # Channels retention must look at: all of them after opening (one may have grown
         # past the limit, or aged, while the limits were different), then those written to.
         self._touched: set[str] = {row[0] for row in self._db.execute("SELECT channel FROM channels")}
+        # Where the next pass of retention by age starts, in channel-name order.
+        self._age_cursor = ""
         # Bytes committed since the last checkpoint (an estimate), and when the first of them
         # was; written by the loop's thread, read and reset by the checkpoint thread (a lost
         # update only moves one checkpoint a little).
@@ -547,14 +557,42 @@ class SqliteStore:
                     break
                 self._touched.discard(channel)
             if max_age is not None and removed < budget:
-                cur = db.execute(
-                    "DELETE FROM messages WHERE (channel, seq) IN "
-                    "(SELECT channel, seq FROM messages WHERE ts < ? ORDER BY ts LIMIT ?)",
-                    (now - max_age, budget - removed),
-                )
-                removed += cur.rowcount
+                removed += self._prune_by_age(now - max_age, budget - removed)
         except sqlite3.Error as exc:
             log.warning("retention pass failed, will retry: %s", exc)
+        return removed
+
+    def _prune_by_age(self, cutoff: float, budget: int) -> int:
+        """Delete up to ``budget`` messages older than ``cutoff``, looking at the next
+        PRUNE_CHANNELS channels in name order (wrapping around), from where the last pass
+        stopped.
+
+        A channel's messages are in time order by seq (a wall clock stepped back can only
+        delay retention), so each channel costs one primary-key probe of its oldest row,
+        and a deletion reads only the rows it deletes: no index on ``ts`` to keep up on
+        every insert.
+        """
+        db, removed = self._db, 0
+        want = self.PRUNE_CHANNELS + 1  # one more: where the next pass starts
+        channels = [row[0] for row in db.execute(
+            "SELECT channel FROM channels WHERE channel >= ? ORDER BY channel LIMIT ?", (self._age_cursor, want)
+        )]
+        if len(channels) < want:  # the end: go on from the first channel
+            channels += [row[0] for row in db.execute(
+                "SELECT channel FROM channels WHERE channel < ? ORDER BY channel LIMIT ?",
+                (self._age_cursor, want - len(channels)),
+            )]
+        for index, channel in enumerate(channels[: self.PRUNE_CHANNELS]):
+            oldest = db.execute(
+                "SELECT ts FROM messages WHERE channel = ? ORDER BY seq LIMIT 1", (channel,)
+            ).fetchone()
+            if oldest is not None and oldest[0] < cutoff:
+                cur = db.execute(_DELETE_OLD, (channel, cutoff, channel, budget - removed))
+                removed += cur.rowcount
+                if removed >= budget:  # this channel may hold more: start the next pass here
+                    self._age_cursor = channel
+                    return removed
+            self._age_cursor = channels[index + 1] if index + 1 < len(channels) else ""
         return removed
 
     def nick_owner(self, nkey: str) -> str | None:
