@@ -14,7 +14,15 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from zchat.common.codec import decode_event, decode_reply, decode_request, encode, encode_map
+from zchat.common.codec import (
+    decode_event,
+    decode_reply,
+    decode_request,
+    encode,
+    encode_map,
+    encode_sent,
+    encode_stored_event,
+)
 from zchat.common.codes import MODERATION_KINDS, ErrorCode, EventKind, ReplyKind, RequestKind
 from zchat.common.errors import ProtocolError
 from zchat.common.limits import DEFAULT_LIMITS, Limits
@@ -680,3 +688,67 @@ def test_corrupted_valid_frames_raise_only_protocol_error(
         frame[index] = data.draw(st.integers(0, 255))
     for decoder in DECODERS:
         _check_decode(decoder, bytes(frame))
+
+
+# -- the message path's shortcuts agree with the general code ---------------------------------
+
+cmids = st.none() | st.text("abcXYZ019_-", min_size=1, max_size=64)
+say_values = st.one_of(field_values, cmids, st.text("ab_-é!", max_size=70), st.booleans())
+
+
+@PROPERTY
+@given(
+    st.builds(Say, rids, rooms, texts, st.booleans(), cmids, st.booleans()),
+    st.sampled_from(["room", "text", "action", "cmid", "retry"]),
+    say_values | st.just(...),
+)
+def test_say_from_map_agrees_with_the_field_readers(say: Say, field: str, value: Any) -> None:
+    """Say.from_map's one-expression check accepts exactly what checked_from_map accepts,
+    with the same result; what it refuses gets checked_from_map's error."""
+    m = say.to_map()
+    if value is ...:
+        m.pop(field, None)
+    else:
+        m[field] = value
+    try:
+        expected: Say | ProtocolError = Say.checked_from_map(m, say.rid)
+    except ProtocolError as exc:
+        expected = exc
+    try:
+        got: Say | ProtocolError = Say.from_map(m, say.rid)
+    except ProtocolError as exc:
+        got = exc
+    if isinstance(expected, ProtocolError):
+        assert isinstance(got, ProtocolError)
+        assert (got.code, got.field, str(got)) == (expected.code, expected.field, str(expected))
+    else:
+        assert got == expected
+
+
+stored_events = st.builds(
+    Event,
+    st.sampled_from([EventKind.MESSAGE, EventKind.ACTION, EventKind.DM]),
+    st.none() | any_text,
+    any_text,
+    any_text,
+    floats,
+    counts,
+    to=st.none() | any_text,
+    seq=counts,
+)
+
+
+@PROPERTY
+@given(stored_events)
+def test_encode_stored_event_is_encode_of_the_event(event: Event) -> None:
+    assert event.seq is not None
+    frame = encode_stored_event(
+        event.kind, event.room, event.sender, event.text, ts=event.ts, id=event.id, seq=event.seq, to=event.to
+    )
+    assert frame == encode(event)
+
+
+@PROPERTY
+@given(rids, counts, floats, counts)
+def test_encode_sent_is_encode_of_the_reply(rid: int, id: int, ts: float, seq: int) -> None:
+    assert encode_sent(rid, id, ts, seq) == encode(Sent(rid, id, ts, seq))

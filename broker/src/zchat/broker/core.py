@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from zchat.common.codec import decode_request, encode
+from zchat.common.codec import decode_request, encode, encode_sent, encode_stored_event
 from zchat.common.codes import ErrorCode, EventKind, RequestKind
 from zchat.common.errors import ProtocolError
 from zchat.common.limits import DEFAULT_LIMITS, Limits
@@ -281,7 +281,7 @@ class BrokerCore:
         self._dirty = False  # room or nick records staged in the store
         self._replies: list[tuple[bytes, bytes]] = []
         self._publishes: list[tuple[bytes, bytes] | None] = []
-        self._handlers: dict[type[Any], Callable[[Session, Any], Reply]] = {
+        self._handlers: dict[type[Any], Callable[[Session, Any], Reply | bytes]] = {
             Join: self._join,
             Leave: self._leave,
             Say: self._say,
@@ -322,6 +322,7 @@ class BrokerCore:
             self._queue_reply(peer, ErrorReply.from_exception(exc))
             return
         session = self.sessions.get(peer)
+        reply: Reply | bytes
         if session is None:
             reply = self._without_session(peer, request, key)
         else:
@@ -583,14 +584,20 @@ class BrokerCore:
             return ([room.topic], room.name) if room is not None else ([], None)
         return [s.topic for s in self.inboxes.get(channel, ())], None
 
-    def _queue_reply(self, peer: bytes, reply: Reply) -> None:
+    def _queue_reply(self, peer: bytes, reply: Reply | bytes) -> None:
+        if isinstance(reply, bytes):  # encoded already (the message path's Sent)
+            self._replies.append((peer, reply))
+            return
         if type(reply) is ErrorReply:
             self.stats.errors[reply.code.value] += 1
         self._replies.append((peer, encode(reply)))
 
     def _publish(self, topic: bytes, event: Event) -> int:
+        return self._publish_frame(topic, encode(event))
+
+    def _publish_frame(self, topic: bytes, frame: bytes) -> int:
         self.stats.published += 1
-        self._publishes.append((topic, encode(event)))
+        self._publishes.append((topic, frame))
         return len(self._publishes) - 1
 
     def _event(self, kind: EventKind, room: str | None, sender: str, text: str = "", **extra: Any) -> Event:
@@ -600,16 +607,20 @@ class BrokerCore:
     def _error(rid: int, code: ErrorCode, reason: str) -> ErrorReply:
         return ErrorReply(rid, code, reason)
 
-    def _stage(self, session: Session, rid: int, publishes: list[int], cmid: str | None, sent: Sent) -> Sent:
-        """Record output that depends on the commit; the reply is queued next."""
-        key = (session.client, cmid) if cmid is not None else None
-        if key is not None:
-            self._cmids[key] = (sent.id, sent.ts, sent.seq)
+    def _stage(
+        self, session: Session, rid: int, publishes: list[int], cmid: str | None, sent: tuple[int, float, int]
+    ) -> bytes:
+        """Record output that depends on the commit; return the ``sent`` reply (for the
+        message's ``(id, ts, seq)``) to queue next."""
+        key = None
+        if cmid is not None:
+            key = (session.client, cmid)
+            self._cmids[key] = sent
             self._staged_cmids.add(key)
             if len(self._cmids) > CMID_CACHE_SIZE:
                 self._cmids.popitem(last=False)
         self._pending.append(_Pending(session.peer, rid, len(self._replies), publishes, key))
-        return sent
+        return encode_sent(rid, *sent)
 
     def _fail_batch(self) -> None:
         unavailable = ErrorReply(None, ErrorCode.UNAVAILABLE, "the message store refused the write", RETRY_AFTER)
@@ -804,23 +815,27 @@ class BrokerCore:
         self._remove_member(room, session, "left")
         return Left(req.rid, req.room)
 
-    def _say(self, session: Session, req: Say) -> Reply:
-        duplicate = self._duplicate(session, req)  # first: a resend is answered even if we left
-        if duplicate is not None:
-            return duplicate
+    def _say(self, session: Session, req: Say) -> Reply | bytes:
+        if req.cmid is not None:  # first: a resend is answered even if we left
+            duplicate = self._duplicate(session, req)
+            if duplicate is not None:
+                return duplicate
         room = session.rooms.get(req.room)
         if room is None:
             return self._error(req.rid, ErrorCode.NOT_MEMBER, f"join {req.room!r} before you speak in it")
         kind = EventKind.ACTION if req.action else EventKind.MESSAGE
-        seq, msg_id, now = self._next_seq(room.channel), self._next_id(), self.now
+        seq, msg_id, now, nick = self._next_seq(room.channel), self._next_id(), self.now, session.nick
         self.store.add(
-            StoredMessage(room.channel, seq, msg_id, now, kind, room.name, session.nick, req.text,
+            StoredMessage(room.channel, seq, msg_id, now, kind, room.name, nick, req.text,
                           None, session.client, req.cmid)
         )
-        index = self._publish(room.topic, Event(kind, room.name, session.nick, req.text, now, msg_id, seq=seq))
-        return self._stage(session, req.rid, [index], req.cmid, Sent(req.rid, msg_id, now, seq))
+        # Every message comes this way: its event and reply are encoded from their fields
+        # rather than built as Event and Sent objects only to be encoded.
+        frame = encode_stored_event(kind, room.name, nick, req.text, ts=now, id=msg_id, seq=seq)
+        index = self._publish_frame(room.topic, frame)
+        return self._stage(session, req.rid, [index], req.cmid, (msg_id, now, seq))
 
-    def _dm(self, session: Session, req: Dm) -> Reply:
+    def _dm(self, session: Session, req: Dm) -> Reply | bytes:
         duplicate = self._duplicate(session, req)  # first: a resend is answered even if they left
         if duplicate is not None:
             return duplicate
@@ -842,9 +857,9 @@ class BrokerCore:
                 StoredMessage(inbox, seq, msg_id, now, EventKind.DM, None, session.nick, req.text,
                               to, session.client if mine else None, req.cmid if mine else None)
             )
-            event = Event(EventKind.DM, None, session.nick, req.text, now, msg_id, to=to, seq=seq)
-            published.extend(self._publish(owner.topic, event) for owner in self.inboxes[inbox])
-        return self._stage(session, req.rid, published, req.cmid, Sent(req.rid, msg_id, now, seq))
+            frame = encode_stored_event(EventKind.DM, None, session.nick, req.text, ts=now, id=msg_id, seq=seq, to=to)
+            published.extend(self._publish_frame(owner.topic, frame) for owner in self.inboxes[inbox])
+        return self._stage(session, req.rid, published, req.cmid, (msg_id, now, seq))
 
     def _history(self, session: Session, req: History) -> Reply:
         self.stats.history_requests += 1

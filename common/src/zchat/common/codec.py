@@ -11,7 +11,7 @@ from typing import Any
 
 import msgpack
 
-from .codes import ErrorCode
+from .codes import ErrorCode, EventKind
 from .errors import ProtocolError
 from .limits import DEFAULT_LIMITS, Limits
 from .protocol import (
@@ -128,6 +128,28 @@ _pack = msgpack.Packer(use_bin_type=True).pack
 def encode(message: Request | Reply | Event) -> bytes:
     """Encode any protocol object as one msgpack frame."""
     return _pack(message.to_map())  # type: ignore[no-any-return]
+
+
+def encode_stored_event(
+    kind: EventKind, room: str | None, sender: str, text: str, *, ts: float, id: int, seq: int, to: str | None = None
+) -> bytes:
+    """``encode(Event(kind, room, sender, text, ts, id, to=to, seq=seq))``, without the Event.
+
+    For the broker's message path, which would build the event only to encode it: the same
+    bytes (keys in :meth:`Event.to_map`'s order; test_codec compares them).
+    """
+    out = {"v": PROTOCOL_VERSION, "kind": kind, "sender": sender, "text": text, "ts": ts, "id": id}
+    if room is not None:
+        out["room"] = room
+    if to is not None:
+        out["to"] = to
+    out["seq"] = seq
+    return _pack(out)  # type: ignore[no-any-return]
+
+
+def encode_sent(rid: int, id: int, ts: float, seq: int) -> bytes:
+    """``encode(Sent(rid, id, ts, seq))``, without the Sent (as :func:`encode_stored_event`)."""
+    return _pack({"v": PROTOCOL_VERSION, "kind": "sent", "rid": rid, "id": id, "ts": ts, "seq": seq})  # type: ignore[no-any-return]
 
 
 def encode_map(m: dict[str, Any]) -> bytes:

@@ -126,6 +126,12 @@ def normalize_room(raw: str, max_length: int = MAX_ROOM_LENGTH) -> str:
     return name
 
 
+def text_allowed(text: str, max_length: int) -> bool:
+    """True when :func:`check_text` would accept ``text`` (a predicate for hot paths, which
+    call check_text only to say what is wrong)."""
+    return 0 < len(text) <= max_length and _CONTROL.search(text) is None
+
+
 def check_text(text: str, max_length: int) -> None:
     """Raise :class:`ProtocolError` (code ``invalid_text``) unless ``text`` may be sent.
 

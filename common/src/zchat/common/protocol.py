@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 from .codes import MODERATION_KINDS, ErrorCode, EventKind, ReplyKind, RequestKind
 from .errors import ProtocolError
 from .limits import DEFAULT_LIMITS, Limits
-from .names import check_text, normalize_nick, normalize_room
+from .names import check_text, normalize_nick, normalize_room, text_allowed
 
 PROTOCOL_VERSION = 1
 #: Every integer field is 0 to 2**63-1 (msgpack can carry up to 2**64-1; SQLite cannot).
@@ -91,10 +91,14 @@ _ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ01234
 MIN_CLIENT_ID, MAX_CLIENT_ID, MAX_CMID = 16, 64, 64
 
 
+def _is_token(value: object, low: int, high: int) -> bool:
+    return type(value) is str and low <= len(value) <= high and _ID_CHARS.issuperset(value)
+
+
 def _token(m: Map, field: str, rid: int, low: int, high: int) -> str | None:
     """An optional ASCII token field (letters, digits, _ and -), ``low`` to ``high`` long."""
     value = get_opt_str(m, field, rid)
-    if value is not None and not (low <= len(value) <= high and _ID_CHARS.issuperset(value)):
+    if value is not None and not _is_token(value, low, high):
         raise _invalid(field, f"{low} to {high} letters, digits, _ or -", rid)
     return value
 
@@ -203,6 +207,25 @@ class Say:
 
     @classmethod
     def from_map(cls, m: Map, rid: int, limits: Limits = DEFAULT_LIMITS) -> Say:
+        # Every message comes this way: a well-formed say is checked in one expression (the
+        # same rules as the field readers), and only one that fails it goes through the
+        # readers, which say which field is wrong. test_codec holds the two to agreement.
+        room, text, cmid = m.get("room"), m.get("text"), m.get("cmid")
+        action, retry = m.get("action", False), m.get("retry", False)
+        if (
+            type(room) is str
+            and type(text) is str
+            and type(action) is bool
+            and type(retry) is bool
+            and (cmid is None or _is_token(cmid, 1, MAX_CMID))
+            and text_allowed(text, limits.max_text)
+        ):
+            return cls(rid, normalize_room(room, limits.max_room), text, action, cmid, retry)
+        return cls.checked_from_map(m, rid, limits)
+
+    @classmethod
+    def checked_from_map(cls, m: Map, rid: int, limits: Limits = DEFAULT_LIMITS) -> Say:
+        """:meth:`from_map` field by field: raises naming the first field at fault."""
         return cls(
             rid,
             normalize_room(get_str(m, "room", rid), limits.max_room),
