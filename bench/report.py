@@ -165,6 +165,11 @@ def print_store(store: dict[str, Any]) -> None:
         anywhere = f"{_cell(r.get('random50_p50_ms'), '.2f')} / {_cell(r.get('random50_p99_ms'), '.2f')}"
         print(f"{name:>18}  {r['ready_s']:>7.2f}  {r['first_reply_s']:>13.2f}  {r['idle_rss_mb']:>6.1f}  "
               f"{last:>18}  {anywhere:>20}")
+    writes = store.get("writes")
+    if writes and "error" not in writes:
+        print(f"writing {writes['messages']:,} more messages into it (commits of {writes['batch']}, 8 clients): "
+              f"{writes['library_us']:.1f} µs a message with the client library's cmids, "
+              f"{writes['random_us']:.1f} µs with random cmids")
 
 
 def _find(rows: list[Row], **match: Any) -> Row | None:

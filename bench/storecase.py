@@ -1,4 +1,6 @@
-"""Start-up, idle memory and history latency, with an empty store and with a big one.
+"""Start-up, idle memory and history latency, with an empty store and with a big one; and
+what writing a message into the big store costs, with the client library's cmids and with
+random ones.
 
 The big store is built directly, without a broker: :class:`SqliteStore` creates the schema
 and its own ``add``/``commit`` write the rows in batches (one ``executemany`` each), so a
@@ -12,6 +14,7 @@ import random
 import secrets
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +23,16 @@ from bench.cases import Settings, log, percentile, repeated, running
 from bench.wire import TEXT, Wire, nick
 
 from zchat.broker.store import Durability, SqliteStore, StoredMessage
+from zchat.client.core import ClientCore
 
 ROOMS = 20
 BATCH = 50_000
 HISTORY_CALLS = 300
+#: The write case: messages added to the big store, in commits of INSERT_BATCH (a busy
+#: broker's loop turn holds about that many), from INSERT_CLIENTS clients in turn.
+INSERT_MESSAGES, INSERT_BATCH, INSERT_CLIENTS = 30_000, 60, 8
+#: How a cmid is made: as the client library does, and as it did before (random).
+CMIDS: dict[str, Callable[[], str]] = {"library": ClientCore.new_cmid, "random": lambda: secrets.token_urlsafe(12)}
 
 
 def build_store(data_dir: Path, messages: int) -> dict[str, Any]:
@@ -82,6 +91,30 @@ def start_and_query(settings: Settings, data_dir: Path | None, per_room: int) ->
     return figures
 
 
+def insert_cost(path: Path, messages: int, make_cmid: Callable[[], str]) -> float:
+    """Microseconds a message to add and commit ``messages`` more room messages to the store
+    at ``path`` (synchronous=NORMAL, as the broker runs), each with a cmid from ``make_cmid``.
+
+    The broker keeps an index of cmids by client: this is what decides how much of it each
+    stored message rewrites.
+    """
+    store = SqliteStore(path)
+    try:
+        clients = [secrets.token_hex(16) for _ in range(INSERT_CLIENTS)]
+        channel, room = "r:writes", "writes"
+        seq, msg_id, now = store.last_seq(channel) + 1, store.last_id() + 1, time.time()
+        rows = [StoredMessage(channel, seq + i, msg_id + i, now, "message", room, f"user{i % INSERT_CLIENTS}",
+                              TEXT, None, clients[i % INSERT_CLIENTS], make_cmid()) for i in range(messages)]
+        start = time.perf_counter()  # the store's work only: add and commit
+        for first in range(0, messages, INSERT_BATCH):
+            for message in rows[first : first + INSERT_BATCH]:
+                store.add(message)
+            store.commit()
+        return (time.perf_counter() - start) / messages * 1e6
+    finally:
+        store.close()
+
+
 def store_case(settings: Settings) -> dict[str, Any]:
     """Empty store vs. ``settings.store_messages``: ready time, first reply, RSS, history."""
     empty = repeated(settings.repeat, lambda: start_and_query(settings, None, 0))
@@ -90,5 +123,10 @@ def store_case(settings: Settings) -> dict[str, Any]:
         built = build_store(Path(tmp), settings.store_messages)
         log(f"  built a store of {built['messages']:,} messages in {built['build_s']:.1f} s")
         big = repeated(settings.repeat, lambda: start_and_query(settings, Path(tmp), built["per_room"]))
-    log("  startup and history, big store done")
-    return {"empty": empty, "big": big, "store": built}
+        log("  startup and history, big store done")
+        path, count = Path(tmp) / SqliteStore.FILENAME, min(INSERT_MESSAGES, settings.store_messages)
+        writes = repeated(settings.repeat, lambda: {f"{name}_us": insert_cost(path, count, make)
+                                                   for name, make in CMIDS.items()})
+        log("  writes into the big store done")
+    return {"empty": empty, "big": big, "store": built, "writes": {**writes, "messages": count,
+                                                                     "batch": INSERT_BATCH}}

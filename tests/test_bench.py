@@ -52,6 +52,7 @@ def test_quick_bench_writes_the_promised_json(tmp_path: Path) -> None:
     assert store["store"]["messages"] == 20_000
     assert store["empty"]["idle_rss_mb"] > 0
     assert store["big"]["last50_p99_ms"] > 0
+    assert store["writes"]["library_us"] > 0 and store["writes"]["random_us"] > 0
     assert {t["target"].split(" ")[0] for t in results["targets"]} >= {"idle", "ready", "last-50"}
 
 

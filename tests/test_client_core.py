@@ -85,6 +85,18 @@ def test_request_ids_are_per_core() -> None:
     assert second.request(Hello, "bob").rid == 1
 
 
+def test_cmids_are_valid_unique_and_increase() -> None:
+    """Valid on the wire, never repeated, and in the order they were made (what keeps the
+    broker's cmid index cheap to write)."""
+    cmids = [ClientCore.new_cmid() for _ in range(2000)]
+    for cmid in cmids:
+        say = Say.from_map({"room": "general", "text": "hi", "cmid": cmid}, 1)
+        assert say.cmid == cmid and len(cmid) == 22
+    assert len(set(cmids)) == len(cmids)
+    stamps = [cmid[:14] for cmid in cmids]
+    assert stamps == sorted(stamps)
+
+
 def test_request_ids_keep_counting_across_sessions(session: ClientCore) -> None:
     session.request(Join, "general")
     session.receive_reply(encode(Goodbye(2)))
