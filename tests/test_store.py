@@ -17,7 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from zchat.broker.store import (
-    _DELETE_OLD,
+    _DELETE_RANGE,
+    _FIRST_NEWER,
+    _OLDEST,
     Durability,
     MemoryStore,
     RoomAcl,
@@ -332,18 +334,26 @@ def test_sqlite_prunes_by_age_a_slice_of_channels_per_pass(
         store.close()
 
 
-def test_sqlite_prune_by_age_reads_only_the_rows_it_deletes(sqlite_path: Path) -> None:
-    """The deletion goes through the primary key (no full scan, no index on ts)."""
+def test_sqlite_prune_by_age_goes_through_the_primary_key(sqlite_path: Path) -> None:
+    """No full scan and no index on ts: each query of a pass is a primary-key search."""
     store = SqliteStore(sqlite_path)
     try:
         fill(store, ROOM, 1, 3)
-        plan = " ".join(
-            str(row[-1])
-            for row in store._db.execute("EXPLAIN QUERY PLAN " + _DELETE_OLD, (ROOM, T0, ROOM, 10))
-        )
-        assert "SCAN messages" not in plan and "USING PRIMARY KEY" in plan
+        for query, args in ((_OLDEST, (ROOM,)), (_FIRST_NEWER, (ROOM, 1, 10, T0)), (_DELETE_RANGE, (ROOM, 1, 2))):
+            plan = " ".join(str(row[-1]) for row in store._db.execute("EXPLAIN QUERY PLAN " + query, args))
+            assert "SCAN" not in plan and "USING PRIMARY KEY" in plan, (query, plan)
     finally:
         store.close()
+
+
+def test_prune_by_age_stops_at_the_first_message_that_is_not_old(store: Store) -> None:
+    """A wall clock stepped back leaves an old message behind a newer one: retention takes
+    the old prefix only, in both stores (seqs stay contiguous from the first kept)."""
+    for seq, ts in enumerate((1.0, 2.0, 50.0, 3.0, 4.0), start=1):
+        store.add(msg(ROOM, seq, id=seq, ts=T0 + ts))
+    store.commit()
+    assert store.prune(T0 + 100, 1000, 100 - 10, 1000) == 2  # cutoff T0 + 10
+    assert seqs(everything(store, ROOM)) == [3, 4, 5]
 
 
 def test_sqlite_uses_wal(sqlite_path: Path) -> None:

@@ -338,11 +338,11 @@ CREATE TABLE IF NOT EXISTS private_rooms (
 #: only, which now reads each channel's oldest row through the primary key instead. A
 #: broker of version 2 opening the file again recreates the index; both read it alike.
 SCHEMA_VERSION = 3
-#: Retention by age, in one channel: its oldest rows (up to a budget) older than a time.
-_DELETE_OLD = (
-    "DELETE FROM messages WHERE channel = ? AND ts < ? AND seq IN "
-    "(SELECT seq FROM messages WHERE channel = ? ORDER BY seq LIMIT ?)"
-)
+#: Retention by age, in one channel: its oldest row; the first row in a range of seqs that
+#: is not old; and the deletion of a range of seqs. All three go through the primary key.
+_OLDEST = "SELECT seq, ts FROM messages WHERE channel = ? ORDER BY seq LIMIT 1"
+_FIRST_NEWER = "SELECT seq FROM messages WHERE channel = ? AND seq > ? AND seq < ? AND ts >= ? ORDER BY seq LIMIT 1"
+_DELETE_RANGE = "DELETE FROM messages WHERE channel = ? AND seq >= ? AND seq < ?"
 _COLUMNS = "channel, seq, id, ts, kind, room, sender, text, recipient, client, cmid"
 _ROOM_COLUMNS = "name, creator, created, members, ops, banned, subject"
 
@@ -574,8 +574,8 @@ class SqliteStore:
 
         A channel's messages are in time order by seq (a wall clock stepped back can only
         delay retention), so each channel costs one primary-key probe of its oldest row,
-        and a deletion reads only the rows it deletes: no index on ``ts`` to keep up on
-        every insert.
+        and a deletion reads the rows it deletes and one more: no index on ``ts`` to keep
+        up on every insert.
         """
         db, removed = self._db, 0
         want = self.PRUNE_CHANNELS + 1  # one more: where the next pass starts
@@ -588,11 +588,13 @@ class SqliteStore:
                 (self._age_cursor, want - len(channels)),
             )]
         for index, channel in enumerate(channels[: self.PRUNE_CHANNELS]):
-            oldest = db.execute(
-                "SELECT ts FROM messages WHERE channel = ? ORDER BY seq LIMIT 1", (channel,)
-            ).fetchone()
-            if oldest is not None and oldest[0] < cutoff:
-                cur = db.execute(_DELETE_OLD, (channel, cutoff, channel, budget - removed))
+            oldest = db.execute(_OLDEST, (channel,)).fetchone()
+            if oldest is not None and oldest[1] < cutoff:
+                # The old prefix of the channel, as far as the budget goes: up to its first
+                # row that is not old (as MemoryStore, which pops from the left).
+                first, bound = oldest[0], oldest[0] + budget - removed
+                newer = db.execute(_FIRST_NEWER, (channel, first, bound, cutoff)).fetchone()
+                cur = db.execute(_DELETE_RANGE, (channel, first, newer[0] if newer else bound))
                 removed += cur.rowcount
                 if removed >= budget:  # this channel may hold more: start the next pass here
                     self._age_cursor = channel
