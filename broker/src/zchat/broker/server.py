@@ -39,10 +39,12 @@ log = logging.getLogger("zchat.broker")
 #: Messages read from one socket before the turn's output is committed and flushed. Small
 #: enough that the first replies and publications leave (libzmq's I/O thread sends them, on
 #: another core) while the next messages are handled, rather than all after the last one;
-#: large enough that a commit serves many. Against 1,024, at full speed with one subscriber
-#: (two runs each on a noisy machine): SQLite 27-32k -> 35-41k msg/s, memory 38-39k ->
-#: 49-62k; with ten subscribers within noise.
-BATCH = 32
+#: large enough that a commit serves many (each commit rewrites the pages its rows touch,
+#: and more, smaller ones mean more WAL per message). Measured, accepted msg/s, two runs
+#: each on a noisy machine (SQLite; memory):
+#: one publisher:          1,024: 32k, 32k; 43-54k   128: 36k, 42k; 39-59k   32: 36k, 37k; 50-62k
+#: 4 publishers x 4 rooms: 1,024: 38k, 41k; 58-61k   128: 36k, 47k; 55-69k   32: 30k, 30k; 47-52k
+BATCH = 128
 #: Largest subscription message accepted on the XPUB: "\x01" + a room topic (at most
 #: 2 + 64 * 4 + 1 UTF-8 bytes) or a sync subscription (~72 bytes). libzmq keeps a record of
 #: every subscription a peer asks for, granted or not, so this bounds what each costs.
