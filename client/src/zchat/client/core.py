@@ -199,8 +199,8 @@ class ClientCore:
 
         Unique without coordination, and increasing over time: the broker indexes the cmids
         it stores by client, and ids that follow one another land in the same place of that
-        index instead of all over it (random ones made each stored message cost the broker
-        several times as much in a big store: BENCHMARKS.md, "store").
+        index instead of all over it (random ones made each stored message cost the broker's
+        store up to twice as much: BENCHMARKS.md, "What limits zchat today").
         """
         return f"{time.time_ns() // 1000:014x}{secrets.token_urlsafe(6)}"
 
