@@ -7,7 +7,7 @@ import itertools
 import pytest
 
 from zchat.broker.core import BrokerCore, Subscription
-from zchat.client.core import ClientCore, Outgoing, Rekey, raise_for_error
+from zchat.client.core import ClientCore, Outgoing, Rekey, _Stamps, raise_for_error
 from zchat.common.codec import decode_request, encode, encode_map
 from zchat.common.codes import ErrorCode, EventKind, RequestKind
 from zchat.common.errors import ProtocolError, RequestError
@@ -94,7 +94,14 @@ def test_cmids_are_valid_unique_and_increase() -> None:
         assert say.cmid == cmid and len(cmid) == 22
     assert len(set(cmids)) == len(cmids)
     stamps = [cmid[:14] for cmid in cmids]
-    assert stamps == sorted(stamps)
+    assert stamps == sorted(set(stamps)), "stamps must strictly increase"
+
+
+def test_cmid_stamps_increase_when_the_clock_stands_still_or_steps_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = iter([5_000_000_000, 5_000_000_000, 4_000_000_000, 6_000_000_000])  # ns
+    monkeypatch.setattr("zchat.client.core.time.time_ns", lambda: next(clock))
+    stamps = _Stamps()
+    assert [stamps.next() for _ in range(4)] == [5_000_000, 5_000_001, 5_000_002, 6_000_000]  # µs
 
 
 def test_request_ids_keep_counting_across_sessions(session: ClientCore) -> None:

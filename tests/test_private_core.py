@@ -413,3 +413,14 @@ def test_private_rooms_a_principal_may_create_are_bounded_also_across_a_restart(
 def _identity_of(net: Net, peer: bytes) -> str:
     """The client identity the welcome handed ``peer`` (its principal without CURVE)."""
     return net.identities[peer]
+
+
+def test_one_keys_sessions_are_listed_in_a_fixed_order(secure: Net) -> None:
+    """"ann" and "ANN" (one key's two sessions) compare equal by nick key: who and joined
+    list them by the nick itself next, not in whatever order a set holds them."""
+    secure.hello(A, "ann")
+    secure.hello(D, "ANN")
+    secure.hello(B, "bob")
+    for peer in (D, B, A):
+        ok(secure.send(peer, Join, "lobby"), Joined)
+    assert ok(secure.send(B, Who, "lobby"), Members).members == ("ANN", "ann", "bob")

@@ -33,10 +33,10 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from zchat.broker import BrokerConfig
+from zchat.broker import BrokerConfig, server
 from zchat.broker.cli import build_parser
 from zchat.broker.config import OPTIONS
-from zchat.broker.store import SqliteStore, export_room
+from zchat.broker.store import Durability, SqliteStore, export_room
 from zchat.client import Client, ClientState, RequestError
 from zchat.common.codes import ErrorCode
 from zchat.common.config import resolve
@@ -702,3 +702,12 @@ def test_version_of_the_console_scripts(name: str) -> None:
     done = run([script(name), "--version"])
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"{name} {dist_version(name)}"
+
+
+def test_requests_per_commit_follow_the_durability(broker_factory: Callable[..., RunningBroker]) -> None:
+    """A turn reads BATCH requests before it commits, BATCH_FSYNC when every commit waits for
+    an fsync (SQLite with --durability full)."""
+    assert broker_factory().broker._batch == server.BATCH
+    assert broker_factory(BrokerConfig(durability=Durability.FULL)).broker._batch == server.BATCH_FSYNC
+    memory = BrokerConfig(store="memory", durability=Durability.FULL)
+    assert broker_factory(memory).broker._batch == server.BATCH

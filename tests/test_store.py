@@ -314,9 +314,9 @@ def test_sqlite_prunes_by_count_after_a_reopen(sqlite_path: Path) -> None:
 def test_sqlite_prunes_by_age_a_slice_of_channels_per_pass(
     sqlite_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Retention by age visits PRUNE_CHANNELS channels a pass, in name order, wrapping
+    """Retention by age visits AGE_CHANNELS channels a pass, in name order, wrapping
     around; a pass that runs out of budget in a channel starts the next one there."""
-    monkeypatch.setattr(SqliteStore, "PRUNE_CHANNELS", 3)
+    monkeypatch.setattr(SqliteStore, "AGE_CHANNELS", 3)
     store = SqliteStore(sqlite_path)
     try:
         channels = [f"r:room{n}" for n in range(7)]

@@ -200,6 +200,10 @@ def _unlist(index: dict[str, list[Session]], key: str, session: Session) -> None
         del index[key]
 
 
+def _nick_order(nick: str) -> tuple[str, str]:
+    return nick_key(nick), nick
+
+
 def client_hash(identity: str) -> str:
     """The stored form of a client identity (the identity itself is a secret)."""
     return hashlib.sha256(identity.encode()).hexdigest()[:32]
@@ -962,14 +966,16 @@ class BrokerCore:
 
     @staticmethod
     def _member_nicks(room: Room) -> tuple[str, ...]:
-        return tuple(sorted((s.nick for s in room.members), key=nick_key))
+        # nick_key first (how people read a list), then the nick itself: one key's sessions
+        # may be "ann" and "ANN", and their order must not depend on the set's.
+        return tuple(sorted((s.nick for s in room.members), key=_nick_order))
 
     @staticmethod
     def _op_nicks(room: Room) -> tuple[str, ...]:
         if room.acl is None:
             return ()
         ops = room.acl.ops
-        return tuple(sorted({s.nick for s in room.members if s.principal in ops}, key=nick_key))
+        return tuple(sorted({s.nick for s in room.members if s.principal in ops}, key=_nick_order))
 
     # -- private rooms and moderation ------------------------------------------------------
 

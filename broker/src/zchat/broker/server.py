@@ -31,12 +31,12 @@ from ._version import __version__
 from .config import BrokerConfig
 from .core import BrokerCore, Subscription
 from .metrics import Metrics
-from .store import MemoryStore, SqliteStore, Store
+from .store import Durability, MemoryStore, SqliteStore, Store
 from .zap import ZAP_DOMAIN, ZAP_ENDPOINT, ZapHandler
 
 log = logging.getLogger("zchat.broker")
 
-#: Messages read from one socket before the turn's output is committed and flushed. Small
+#: Requests read from the ROUTER before the turn's output is committed and flushed. Small
 #: enough that the first replies and publications leave (libzmq's I/O thread sends them, on
 #: another core) while the next messages are handled, rather than all after the last one;
 #: large enough that a commit serves many (each commit rewrites the pages its rows touch,
@@ -45,6 +45,12 @@ log = logging.getLogger("zchat.broker")
 #: one publisher:          1,024: 32k, 32k; 43-54k   128: 36k, 42k; 39-59k   32: 36k, 37k; 50-62k
 #: 4 publishers x 4 rooms: 1,024: 38k, 41k; 58-61k   128: 36k, 47k; 55-69k   32: 30k, 30k; 47-52k
 BATCH = 128
+#: The same with --durability full, where each commit waits for an fsync (milliseconds):
+#: there a commit must serve as many requests as have arrived.
+BATCH_FSYNC = 1024
+#: Messages read from the XPUB (subscriptions) or the ZAP socket (handshakes) in one turn:
+#: neither waits for a commit, and a reconnecting crowd brings thousands at once.
+BATCH_OTHER = 1024
 #: Largest subscription message accepted on the XPUB: "\x01" + a room topic (at most
 #: 2 + 64 * 4 + 1 UTF-8 bytes) or a sync subscription (~72 bytes). libzmq keeps a record of
 #: every subscription a peer asks for, granted or not, so this bounds what each costs.
@@ -53,7 +59,7 @@ MAX_SUBSCRIPTION_FRAME = 300
 #: costs at most this many replies (history pages are capped at 256 KB of text).
 ROUTER_SNDHWM = 200
 #: Publications queued per subscriber before the XPUB drops for it (a burst of one loop
-#: turn is up to BATCH messages; ~2 MB for 120-byte texts). What a slow subscriber loses
+#: turn is up to BATCH_FSYNC messages; ~2 MB for 120-byte texts). What a slow subscriber loses
 #: beyond it, it fetches from history.
 XPUB_SNDHWM = 10_000
 #: How long close() may spend delivering queued frames, in milliseconds.
@@ -133,6 +139,8 @@ class Broker:
         )
         #: Seconds the last store commit took (for metrics and the benchmark).
         self.last_commit_seconds = 0.0
+        fsync_each_commit = isinstance(self.store, SqliteStore) and config.durability is Durability.FULL
+        self._batch = BATCH_FSYNC if fsync_each_commit else BATCH
         self._calls: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
         self._own_context = context is None
         self._closed = False
@@ -324,7 +332,7 @@ class Broker:
 
     def _drain_router(self) -> None:
         recv, core = self.router.recv, self.core
-        for _ in range(BATCH):
+        for _ in range(self._batch):
             try:
                 peer = recv(zmq.NOBLOCK)
             except zmq.Again:
@@ -341,7 +349,7 @@ class Broker:
         """:meth:`_drain_router` for secure mode: each request comes with its sender's key."""
         recv, core, zap = self.router.recv, self.core, self.zap
         assert zap is not None
-        for _ in range(BATCH):
+        for _ in range(self._batch):
             try:
                 peer = recv(zmq.NOBLOCK)
             except zmq.Again:
@@ -359,7 +367,7 @@ class Broker:
     def _drain_xpub(self) -> None:
         xpub, core, zap = self.xpub, self.core, self.zap
         key: str | None = None
-        for _ in range(BATCH):
+        for _ in range(BATCH_OTHER):
             try:
                 if zap is None:
                     message = xpub.recv(zmq.NOBLOCK)
@@ -387,7 +395,7 @@ class Broker:
         """Answer the ZAP requests libzmq sent for new connections (secure mode)."""
         sock, zap = self._zap_socket, self.zap
         assert sock is not None and zap is not None
-        for _ in range(BATCH):
+        for _ in range(BATCH_OTHER):
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:

@@ -389,8 +389,11 @@ class SqliteStore:
     CHECKPOINT_MAX_AGE = 10.0
     #: How often the checkpoint thread looks (seconds).
     CHECKPOINT_POLL = 0.25
-    #: Channels one retention pass looks at, at most.
+    #: Channels one retention pass looks at, at most: those written to, for the count limit;
+    #: and, for the age limit, the next AGE_CHANNELS of all of them (one primary-key probe
+    #: each, ~8 µs: a pass runs every second, so a lap over N channels takes N / 64 s).
     PRUNE_CHANNELS = 500
+    AGE_CHANNELS = 64
 
     def __init__(self, path: Path, durability: Durability = Durability.NORMAL, max_pages: int | None = None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -569,7 +572,7 @@ class SqliteStore:
 
     def _prune_by_age(self, cutoff: float, budget: int) -> int:
         """Delete up to ``budget`` messages older than ``cutoff``, looking at the next
-        PRUNE_CHANNELS channels in name order (wrapping around), from where the last pass
+        AGE_CHANNELS channels in name order (wrapping around), from where the last pass
         stopped.
 
         A channel's messages are in time order by seq (a wall clock stepped back can only
@@ -578,7 +581,7 @@ class SqliteStore:
         up on every insert.
         """
         db, removed = self._db, 0
-        want = self.PRUNE_CHANNELS + 1  # one more: where the next pass starts
+        want = self.AGE_CHANNELS + 1  # one more: where the next pass starts
         channels = [row[0] for row in db.execute(
             "SELECT channel FROM channels WHERE channel >= ? ORDER BY channel LIMIT ?", (self._age_cursor, want)
         )]
@@ -587,7 +590,7 @@ class SqliteStore:
                 "SELECT channel FROM channels WHERE channel < ? ORDER BY channel LIMIT ?",
                 (self._age_cursor, want - len(channels)),
             )]
-        for index, channel in enumerate(channels[: self.PRUNE_CHANNELS]):
+        for index, channel in enumerate(channels[: self.AGE_CHANNELS]):
             oldest = db.execute(_OLDEST, (channel,)).fetchone()
             if oldest is not None and oldest[1] < cutoff:
                 # The old prefix of the channel, as far as the budget goes: up to its first

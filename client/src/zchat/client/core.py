@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import secrets
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -52,6 +53,23 @@ REMOVALS = frozenset({EventKind.KICK, EventKind.BAN})
 #: one): delivered once, by id.
 _TWICE = frozenset({EventKind.INVITE, EventKind.KICK, EventKind.BAN})
 
+
+class _Stamps:
+    """Increasing microsecond stamps: the clock's, or one more than the last if the clock
+    has not moved on (or stepped back). One for every client of the process: a blocking
+    Client makes its cmids on its own thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last = 0
+
+    def next(self) -> int:
+        with self._lock:
+            self._last = max(self._last + 1, time.time_ns() // 1000)
+            return self._last
+
+
+_CMID_STAMPS = _Stamps()
 
 @dataclass(frozen=True, slots=True)
 class Outgoing:
@@ -197,12 +215,13 @@ class ClientCore:
         """A fresh client message id: 14 hex digits of the microsecond clock, then 8 random
         characters (48 bits), 22 in all.
 
-        Unique without coordination, and increasing over time: the broker indexes the cmids
-        it stores by client, and ids that follow one another land in the same place of that
-        index instead of all over it (random ones made each stored message cost the broker's
-        store up to twice as much: BENCHMARKS.md, "What limits zchat today").
+        Unique without coordination, and increasing (within the process, also if the clock
+        steps back): the broker indexes the cmids it stores by client, and ids that follow
+        one another land in the same place of that index instead of all over it (random ones
+        made each stored message cost the broker's store up to twice as much: BENCHMARKS.md,
+        "What limits zchat today").
         """
-        return f"{time.time_ns() // 1000:014x}{secrets.token_urlsafe(6)}"
+        return f"{_CMID_STAMPS.next():014x}{secrets.token_urlsafe(6)}"
 
     def receive_reply(self, frame: bytes) -> Reply:
         """Decode a reply frame and apply it to the session state.
