@@ -1,4 +1,5 @@
-"""Helpers shared by test modules: waiting for a condition, for events, for a sync marker."""
+"""Helpers shared by test modules: waiting for a condition, for events, for a sync marker,
+for the outcome of a ZeroMQ handshake."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import time
 from collections.abc import Callable
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from zchat.client import Client
 from zchat.common.codec import decode_event
@@ -83,3 +85,16 @@ def _wait_for_sync(sock: Socket, private_topic: bytes, nonce: str, until: float,
                 continue
         seen.append(frames)
     return False
+
+
+def handshake_outcome(monitor: Socket, timeout: float = WAIT) -> int:
+    """The first handshake event (success or failure) or disconnection the monitor reports."""
+    wanted = {zmq.EVENT_HANDSHAKE_SUCCEEDED, zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+              zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_DISCONNECTED}
+    deadline = time.monotonic() + timeout
+    while (remaining := deadline - time.monotonic()) > 0:
+        if monitor.poll(int(remaining * 1000) + 1):
+            event = int(recv_monitor_message(monitor)["event"])
+            if event in wanted:
+                return event
+    raise AssertionError(f"no handshake outcome within {timeout} s")

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 import pytest
 import zmq
-from tests.support import barrier
+from tests.support import barrier, handshake_outcome
 from zmq.utils.monitor import recv_monitor_message
 
 from zchat.broker import BrokerConfig
@@ -1158,19 +1158,6 @@ def test_a_second_key_cannot_take_a_registered_nick_a_lookalike_or_a_session(
         dm_window(bob.dealer, "alice", texts, bob.rids)
     assert len(dms_on(alice.sub, 5 * WINDOW)) == 5 * WINDOW
     assert barrier(mallory.sub, mallory.topic) == []
-
-
-def handshake_outcome(monitor: Socket, timeout: float = WAIT) -> int:
-    """The first handshake event (success or failure) or disconnection the monitor reports."""
-    wanted = {zmq.EVENT_HANDSHAKE_SUCCEEDED, zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
-              zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_DISCONNECTED}
-    deadline = time.monotonic() + timeout
-    while (remaining := deadline - time.monotonic()) > 0:
-        if monitor.poll(int(remaining * 1000) + 1):
-            event = int(recv_monitor_message(monitor)["event"])
-            if event in wanted:
-                return event
-    raise AssertionError(f"no handshake outcome within {timeout} s")
 
 
 @pytest.mark.timeout(60)

@@ -23,8 +23,7 @@ import pytest
 import zmq
 import zmq.auth
 import zmq.utils.z85
-from tests.support import wait_until
-from zmq.utils.monitor import recv_monitor_message
+from tests.support import handshake_outcome, wait_until
 
 from zchat.broker import BrokerConfig
 from zchat.broker.zap import ZAP_DOMAIN, ZapHandler
@@ -411,14 +410,18 @@ def test_a_plain_client_gets_no_access(keys: Keys, secure: RunningBroker, client
     # By hand: a SUB on everything and a DEALER saying hello, both without CURVE.
     sub, dealer = zctx.socket(zmq.SUB), zctx.socket(zmq.DEALER)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
-    monitor = dealer.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+    monitor = dealer.get_monitor_socket()
     for sock in (sub, dealer, monitor):
         sock.setsockopt(zmq.LINGER, 0)
     sub.connect(secure.pub)
     dealer.connect(secure.router)
     dealer.send(b"\x81\xa4kind\xa5hello")
-    assert monitor.poll(5000)
-    assert recv_monitor_message(monitor)["event"] == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    # Refused: the mechanism mismatch, when the client reads the part of the broker's greeting
+    # that names CURVE; or, about half the time, a failure with no detail (or a disconnection),
+    # when the broker has read the client's greeting and closed the connection first.
+    outcome = handshake_outcome(monitor)
+    refused = {zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_DISCONNECTED}
+    assert outcome in refused, outcome
     keys.make("alice")
     alice = clients("alice")
     alice.connect("alice")
