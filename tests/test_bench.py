@@ -101,3 +101,13 @@ def test_quick_bench_with_peers(tmp_path: Path) -> None:
             assert rows[name][key] > 0
             assert rows[name][f"{key}_zchat_vs_peer"]["zchat-sqlite"] > 0
     assert sum("1.5x what" in t["target"] for t in results["targets"]) == 2
+
+
+@pytest.mark.timeout(60)
+def test_bare_rss_measures_a_bare_server_with_clients() -> None:
+    """bench/bare_rss.py (the floor under the scale case's RSS) runs and reports its figures."""
+    cmd = [sys.executable, str(ROOT / "bench" / "bare_rss.py"), "--clients", "40"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=50, cwd=ROOT, check=False)
+    assert proc.returncode == 0, proc.stderr
+    line = proc.stdout.strip().splitlines()[-1]
+    assert line.startswith("bare ROUTER + XPUB, 40 clients") and "after 10 rounds" in line, line
