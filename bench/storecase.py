@@ -128,5 +128,5 @@ def store_case(settings: Settings) -> dict[str, Any]:
         writes = repeated(settings.repeat, lambda: {f"{name}_us": insert_cost(path, count, make)
                                                    for name, make in CMIDS.items()})
         log("  writes into the big store done")
-    return {"empty": empty, "big": big, "store": built, "writes": {**writes, "messages": count,
-                                                                     "batch": INSERT_BATCH}}
+    writes |= {"messages": count, "batch": INSERT_BATCH, "clients": INSERT_CLIENTS}
+    return {"empty": empty, "big": big, "store": built, "writes": writes}

@@ -71,6 +71,7 @@ class _Stamps:
 
 _CMID_STAMPS = _Stamps()
 
+
 @dataclass(frozen=True, slots=True)
 class Outgoing:
     """A request ready to send: its id, its frame, and its kind for messages."""
