@@ -167,8 +167,8 @@ def print_store(store: dict[str, Any]) -> None:
               f"{last:>18}  {anywhere:>20}")
     writes = store.get("writes")
     if writes and "error" not in writes:
-        print(f"writing {writes['messages']:,} more messages into it (commits of {writes['batch']}, {writes['clients']} clients): "
-              f"{writes['library_us']:.1f} µs a message with the client library's cmids, "
+        print(f"writing {writes['messages']:,} more messages into it (commits of {writes['batch']}, "
+              f"{writes['clients']} clients): {writes['library_us']:.1f} µs a message with the client library's cmids, "
               f"{writes['random_us']:.1f} µs with random cmids")
 
 
