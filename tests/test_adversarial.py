@@ -699,17 +699,7 @@ def dm_window(sender: Socket, to: str, texts: list[str], rids: Iterator[int]) ->
 
 def dms_on(sub: Socket, count: int, timeout: float = WAIT) -> list[Event]:
     """The next ``count`` DM events ``sub`` receives (ticks and syncs skipped)."""
-    deadline = time.monotonic() + timeout
-    events: list[Event] = []
-    while len(events) < count:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or not sub.poll(int(remaining * 1000) + 1):
-            raise AssertionError(f"{len(events)} of {count} DMs arrived within {timeout} s")
-        _, frame = sub.recv_multipart()
-        event = decode_event(frame)
-        if event.kind is EventKind.DM:
-            events.append(event)
-    return events
+    return events_on(sub, None, count, {EventKind.DM}, timeout)
 
 
 def denied(rb: RunningBroker) -> int:
@@ -991,14 +981,21 @@ def secure(broker_factory: Callable[..., RunningBroker], tmp_path: Path) -> Secu
     return secure_broker(broker_factory, tmp_path)
 
 
-def curve(ctx: Context, kind: int, endpoint: str, server: str, pair: KeyPair | None) -> Socket:
-    """A raw socket that is a CURVE client of ``server`` with ``pair`` (plain if None)."""
+def curve_socket(ctx: Context, kind: int, server: str, pair: KeyPair | None) -> Socket:
+    """A raw socket set up as a CURVE client of ``server`` with ``pair`` (plain if None),
+    not yet connected."""
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
     if pair is not None:
         sock.setsockopt(zmq.CURVE_SERVERKEY, server.encode())
         sock.setsockopt(zmq.CURVE_PUBLICKEY, pair.public.encode())
         sock.setsockopt(zmq.CURVE_SECRETKEY, pair.secret.encode())
+    return sock
+
+
+def curve(ctx: Context, kind: int, endpoint: str, server: str, pair: KeyPair | None) -> Socket:
+    """:func:`curve_socket`, connected to ``endpoint``."""
+    sock = curve_socket(ctx, kind, server, pair)
     sock.connect(endpoint)
     return sock
 
@@ -1043,8 +1040,10 @@ def say_window(speaker: Party, room: str, texts: list[str]) -> list[Sent]:
     return sent
 
 
-def events_on(sub: Socket, topic: bytes, count: int, kinds: set[EventKind], timeout: float = WAIT) -> list[Event]:
-    """The next ``count`` events of ``kinds`` that ``sub`` receives on ``topic``."""
+def events_on(
+    sub: Socket, topic: bytes | None, count: int, kinds: set[EventKind], timeout: float = WAIT
+) -> list[Event]:
+    """The next ``count`` events of ``kinds`` that ``sub`` receives on ``topic`` (None: any)."""
     deadline = time.monotonic() + timeout
     events: list[Event] = []
     while len(events) < count:
@@ -1053,7 +1052,7 @@ def events_on(sub: Socket, topic: bytes, count: int, kinds: set[EventKind], time
             raise AssertionError(f"{len(events)} of {count} events arrived within {timeout} s")
         where, frame = sub.recv_multipart()
         event = decode_event(frame)
-        if where == topic and event.kind in kinds:
+        if (topic is None or where == topic) and event.kind in kinds:
             events.append(event)
     return events
 
@@ -1175,12 +1174,7 @@ def test_unknown_keys_and_a_wrong_server_key_get_nothing_on_either_port(secure: 
     outsiders: dict[str, tuple[Socket, Socket]] = {}  # name -> (socket, its monitor)
     for name, (server_key, pair) in attempts.items():
         for kind, endpoint in ((zmq.DEALER, rb.router), (zmq.SUB, rb.pub), (zmq.XSUB, rb.pub)):
-            sock = zctx.socket(kind)
-            sock.setsockopt(zmq.LINGER, 0)
-            if pair is not None:
-                sock.setsockopt(zmq.CURVE_SERVERKEY, server_key.encode())
-                sock.setsockopt(zmq.CURVE_PUBLICKEY, pair.public.encode())
-                sock.setsockopt(zmq.CURVE_SECRETKEY, pair.secret.encode())
+            sock = curve_socket(zctx, kind, server_key, pair)
             outsiders[f"{name}, {sock.type!r}"] = sock, sock.get_monitor_socket()  # before connecting
             sock.connect(endpoint)
             if kind == zmq.DEALER:

@@ -54,6 +54,14 @@ def endpoints(rb: RunningBroker) -> list[str]:
     return ["--router", rb.router, "--pub", rb.pub]
 
 
+def start_client(rb: RunningBroker, *args: str) -> subprocess.Popen[str]:
+    """The line client as carol in #general (plus ``args``), with pipes to talk to it."""
+    return subprocess.Popen(
+        [*CLIENT, *endpoints(rb), "--nick", "carol", "--room", "general", *args],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env(),
+    )  # fmt: skip
+
+
 
 def summary(events: list[Event]) -> list[tuple[str, str, str]]:
     return [(e.kind.value, e.sender, e.text) for e in events]
@@ -156,14 +164,7 @@ def test_line_mode_with_a_taken_nick_exits_1(broker: RunningBroker, client_facto
 
 def test_json_mode_prints_one_object_per_event(broker: RunningBroker, client_factory: Callable[..., Client]) -> None:
     bob = client_factory("bob", "general")
-    proc = subprocess.Popen(
-        [*CLIENT, *endpoints(broker), "--nick", "carol", "--room", "general", "--json"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=clean_env(),
-    )
+    proc = start_client(broker, "--json")
     assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
     try:
         out = JsonLines(proc.stdout)
@@ -218,14 +219,7 @@ def test_json_mode_prints_one_object_per_event(broker: RunningBroker, client_fac
 
 def test_json_mode_runs_a_private_room(broker: RunningBroker, client_factory: Callable[..., Client]) -> None:
     bob = client_factory("bob")
-    proc = subprocess.Popen(
-        [*CLIENT, *endpoints(broker), "--nick", "carol", "--room", "general", "--json"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=clean_env(),
-    )
+    proc = start_client(broker, "--json")
     assert proc.stdin is not None and proc.stdout is not None
 
     def send(line: str) -> None:
@@ -269,10 +263,7 @@ def test_json_mode_runs_a_private_room(broker: RunningBroker, client_factory: Ca
 def test_line_mode_shows_moderation_in_words(broker: RunningBroker, client_factory: Callable[..., Client]) -> None:
     bob = client_factory("bob")
     lines = ["/join -p den", "/invite bob", "/op bob", "/topic -delete", "/ban", "/quit"]
-    proc = subprocess.Popen(
-        [*CLIENT, *endpoints(broker), "--nick", "carol", "--room", "general"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env(),
-    )  # fmt: skip
+    proc = start_client(broker)
     assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
     try:
         proc.stdin.write("\n".join(lines[:2]) + "\n")

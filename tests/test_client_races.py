@@ -53,6 +53,16 @@ async def event_where(client: AsyncClient, match: Callable[[Event], bool], timeo
             return event
 
 
+async def hears_the_room(alice: AsyncClient, bob: AsyncClient, room: str) -> None:
+    """bob hears what alice says in ``room`` next, and once both clients' room moves are
+    done they agree on the room (its topic and seq)."""
+    sent = await alice.say(room, "can you hear me")
+    heard = await event_where(bob, lambda e: e.kind is EventKind.MESSAGE)
+    assert (heard.text, heard.seq) == ("can you hear me", sent.seq)
+    await until(lambda: not bob._rekeys and not alice._rekeys)  # moves finished
+    assert bob.core.rooms[room] == alice.core.rooms[room]
+
+
 def watch_reads(client: AsyncClient, match: Callable[[Event], bool]) -> list[Event]:
     """The events ``client``'s SUB reader reads for which ``match`` is true, as it reads
     them (whether or not it delivers them)."""
@@ -69,20 +79,27 @@ def watch_reads(client: AsyncClient, match: Callable[[Event], bool]) -> list[Eve
     return seen
 
 
-def hold_replies(client: AsyncClient, held: Callable[[bytes], bool], release: asyncio.Event) -> None:
-    """Make ``client``'s DEALER hand over replies for which ``held`` is true only after
-    ``release`` is set (from the reader's next ``recv`` on)."""
+def gate_replies(client: AsyncClient, gate: Callable[[bytes], asyncio.Event | None]) -> None:
+    """Make ``client``'s present DEALER hand over each reply only once the event ``gate``
+    returns for it is set (None: at once), from the reader's next ``recv`` on."""
     dealer = client._dealer
     assert dealer is not None
     real_recv = dealer.recv
 
     async def recv(*args: Any, **kwargs: Any) -> bytes:
         frame: bytes = await real_recv(*args, **kwargs)
-        if held(frame):
-            await release.wait()
+        event = gate(frame)
+        if event is not None:
+            await event.wait()
         return frame
 
     dealer.recv = recv  # type: ignore[method-assign, assignment]
+
+
+def hold_replies(client: AsyncClient, held: Callable[[bytes], bool], release: asyncio.Event) -> None:
+    """Make ``client``'s DEALER hand over replies for which ``held`` is true only after
+    ``release`` is set (from the reader's next ``recv`` on)."""
+    gate_replies(client, lambda frame: release if held(frame) else None)
 
 
 def is_joined(frame: bytes) -> bool:
@@ -95,26 +112,17 @@ def hold_on_reconnect(client: AsyncClient, gates: dict[type[Reply], asyncio.Even
     held: list[Reply] = []
     real_open = client._open_sockets
 
-    def hold(frame: bytes) -> bool:
+    def gate(frame: bytes) -> asyncio.Event | None:
         reply = decode_reply(frame)
-        if type(reply) in gates and not gates[type(reply)].is_set():
-            held.append(reply)
-            return True
-        return False
+        event = gates.get(type(reply))
+        if event is None or event.is_set():
+            return None
+        held.append(reply)
+        return event
 
     def open_sockets() -> None:
         real_open()
-        dealer = client._dealer
-        assert dealer is not None
-        real_recv = dealer.recv
-
-        async def recv(*args: Any, **kwargs: Any) -> bytes:
-            frame: bytes = await real_recv(*args, **kwargs)
-            if hold(frame):
-                await gates[type(decode_reply(frame))].wait()
-            return frame
-
-        dealer.recv = recv  # type: ignore[method-assign, assignment]
+        gate_replies(client, gate)
 
     client._open_sockets = open_sockets  # type: ignore[method-assign]
     return held
@@ -176,11 +184,7 @@ def test_a_rekey_read_before_the_joined_reply_is_not_lost(broker: RunningBroker)
         await until(lambda: rekeys)
         release.set()
         await joining
-        sent = await alice.say("den", "can you hear me")
-        heard = await event_where(bob, lambda e: e.kind is EventKind.MESSAGE)
-        assert (heard.text, heard.seq) == ("can you hear me", sent.seq)
-        await until(lambda: not bob._rekeys and not alice._rekeys)  # moves finished
-        assert bob.core.rooms["den"] == alice.core.rooms["den"]
+        await hears_the_room(alice, bob, "den")
 
     run(broker, scenario)
 
@@ -208,11 +212,7 @@ def test_a_rekey_read_while_rejoining_after_a_move_missed_away_is_not_undone(bro
         await until(lambda: moves)
         gates[Joined].set()
         await until(lambda: bob.state is ClientState.CONNECTED)
-        sent = await alice.say("den", "can you hear me")
-        heard = await event_where(bob, lambda e: e.kind is EventKind.MESSAGE)
-        assert (heard.text, heard.seq) == ("can you hear me", sent.seq)
-        await until(lambda: not bob._rekeys and not alice._rekeys)  # moves finished
-        assert bob.core.rooms["den"] == alice.core.rooms["den"]
+        await hears_the_room(alice, bob, "den")
 
     run(broker, scenario)
 
