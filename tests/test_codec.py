@@ -749,6 +749,8 @@ def test_encode_stored_event_is_encode_of_the_event(event: Event) -> None:
 
 
 @PROPERTY
-@given(rids, counts, floats, counts)
-def test_encode_sent_is_encode_of_the_reply(rid: int, id: int, ts: float, seq: int) -> None:
-    assert encode_sent(rid, id, ts, seq) == encode(Sent(rid, id, ts, seq))
+@given(rids, counts, floats, counts, st.booleans())
+def test_encode_sent_is_encode_of_the_reply(rid: int, id: int, ts: float, seq: int, offline: bool) -> None:
+    frame = encode_sent(rid, id, ts, seq, offline)
+    assert frame == encode(Sent(rid, id, ts, seq, offline=offline))
+    assert decode_reply(frame) == Sent(rid, id, ts, seq, offline=offline)

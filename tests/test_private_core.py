@@ -18,9 +18,11 @@ from zchat.common.codec import decode_event, decode_reply, encode
 from zchat.common.codes import ErrorCode, EventKind, RequestKind
 from zchat.common.limits import Limits
 from zchat.common.protocol import (
+    Bye,
     Dm,
     ErrorReply,
     Event,
+    Goodbye,
     Hello,
     History,
     HistoryPage,
@@ -286,6 +288,49 @@ def test_the_same_key_may_hold_two_sessions_sharing_nick_and_inbox(secure: Net) 
     assert error(secure.send(b"peer-e", Hello, "ann")) is ErrorCode.UNAUTHORIZED  # no key at all
     secure.keys[b"peer-f"] = KEY_A
     assert error(secure.send(b"peer-f", Hello, "ann")) is ErrorCode.TOO_MANY_SESSIONS
+
+
+def test_a_dm_to_an_offline_registered_nick_waits_in_its_keys_inbox(secure: Net) -> None:
+    secure.hello(A, "Ann")
+    ok(secure.send(A, Bye), Goodbye)  # key A goes offline; "Ann" stays registered to it
+    secure.hello(B, "bob")
+    sent = ok(secure.send(B, Dm, "ANN", "while you were out", False, "c1"), Sent)
+    assert sent.offline and sent.seq == 1  # the seq of bob's own copy
+    assert [(topic, e.to) for topic, e in secure.events()] == [(secure.topics[B], "Ann")]  # as registered
+    resent = ok(secure.send(B, Dm, "ann", "while you were out", False, "c1", True), Sent)
+    assert resent.dup and (resent.id, resent.seq) == (sent.id, sent.seq)
+    welcome = secure.hello(D, "ann")  # key A again, in a new session
+    assert welcome.dm_seq == 1
+    (dm,) = ok(secure.send(D, History, None, True), HistoryPage).events
+    assert (dm.sender, dm.to, dm.text, dm.seq, dm.id) == ("bob", "Ann", "while you were out", 1, sent.id)
+    live = ok(secure.send(B, Dm, "ann", "now you are here"), Sent)
+    assert not live.offline
+    assert [e.seq for e in on(secure.events(), secure.topics[D])] == [2]
+
+
+def test_a_dm_to_any_nick_of_a_key_reaches_the_key_under_its_current_nick(secure: Net) -> None:
+    secure.hello(A, "ann")
+    ok(secure.send(A, Nick, "annie"), NickChanged)  # "ann" stays registered to key A
+    secure.hello(B, "bob")
+    assert not ok(secure.send(B, Dm, "ann", "hi"), Sent).offline
+    (dm,) = on(secure.events(), secure.topics[A])
+    assert (dm.to, dm.text) == ("ann", "hi")
+
+
+def test_a_dm_to_a_nick_nobody_registered_is_refused_and_stores_nothing(secure: Net) -> None:
+    secure.hello(B, "bob")
+    assert error(secure.send(B, Dm, "nobody", "hello?")) is ErrorCode.NO_SUCH_NICK
+    assert ok(secure.send(B, History, None, True), HistoryPage).events == ()
+    assert secure.events() == []
+
+
+def test_without_curve_a_dm_to_an_offline_nick_is_refused() -> None:
+    net = Net(BrokerCore(store=MemoryStore()))
+    net.hello(A, "ann")
+    ok(net.send(A, Bye), Goodbye)  # without keys nobody owns a nick: ann is gone
+    net.hello(B, "bob")
+    assert error(net.send(B, Dm, "ann", "hello?")) is ErrorCode.NO_SUCH_NICK
+    assert ok(net.send(B, History, None, True), HistoryPage).events == ()
 
 
 def test_private_topics_are_granted_only_to_their_key(secure: Net) -> None:

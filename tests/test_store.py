@@ -547,6 +547,9 @@ def test_registered_nicks_are_read_back_staged_and_committed(store: Store) -> No
     assert (store.nicks_owned(ANN_KEY), store.nicks_owned(BOB_KEY)) == (2, 1)
     store.register_nick("ann", ANN_KEY, "ANN", T0 + 3)  # the same owner again: still one key
     assert store.nicks_owned(ANN_KEY) == 2
+    assert (store.registered_nick("ann"), store.registered_nick("carol")) == ((ANN_KEY, "ANN"), None)  # staged
+    store.commit()
+    assert (store.registered_nick("ann"), store.registered_nick("bob")) == ((ANN_KEY, "ANN"), (BOB_KEY, "bob"))
 
 
 def test_registering_a_nick_again_moves_it_to_the_new_owner(store: Store) -> None:

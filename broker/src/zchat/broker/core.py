@@ -612,10 +612,18 @@ class BrokerCore:
         return ErrorReply(rid, code, reason)
 
     def _stage(
-        self, session: Session, rid: int, publishes: list[int], cmid: str | None, sent: tuple[int, float, int]
+        self,
+        session: Session,
+        rid: int,
+        publishes: list[int],
+        cmid: str | None,
+        sent: tuple[int, float, int],
+        *,
+        offline: bool = False,
     ) -> bytes:
         """Record output that depends on the commit; return the ``sent`` reply (for the
-        message's ``(id, ts, seq)``) to queue next."""
+        message's ``(id, ts, seq)``, and ``offline`` for a DM nobody could receive yet) to
+        queue next."""
         key = None
         if cmid is not None:
             key = (session.client, cmid)
@@ -624,7 +632,7 @@ class BrokerCore:
             if len(self._cmids) > CMID_CACHE_SIZE:
                 self._cmids.popitem(last=False)
         self._pending.append(_Pending(session.peer, rid, len(self._replies), publishes, key))
-        return encode_sent(rid, *sent)
+        return encode_sent(rid, *sent, offline)
 
     def _fail_batch(self) -> None:
         unavailable = ErrorReply(None, ErrorCode.UNAVAILABLE, "the message store refused the write", RETRY_AFTER)
@@ -843,17 +851,26 @@ class BrokerCore:
         duplicate = self._duplicate(session, req)  # first: a resend is answered even if they left
         if duplicate is not None:
             return duplicate
-        targets = self.nicks.get(nick_key(req.to))
-        if not targets:
-            return self._error(req.rid, ErrorCode.NO_SUCH_NICK, f"nobody is called {req.to!r}")
-        to = targets[0].nick
+        nkey = nick_key(req.to)
+        targets = self.nicks.get(nkey)
+        if targets:
+            to, recipient = targets[0].nick, targets[0].inbox
+        else:
+            # In secure mode a registered nick's inbox is its key's, online or not: the DM
+            # waits there, and the owner reads it with `history` when they come back.
+            record = self.store.registered_nick(nkey) if self.secure else None
+            if record is None:
+                return self._error(req.rid, ErrorCode.NO_SUCH_NICK, f"nobody is called {req.to!r}")
+            owner, to = record
+            recipient = "d:" + client_hash(owner)
+        offline = not self.inboxes.get(recipient)  # no session of the owner's key is connected
         msg_id, now = self._next_id(), self.now
         published: list[int] = []
         seq = 0
         # One stored copy per inbox: the recipient's and (unless the same) the sender's,
         # which carries the cmid. Each copy is published on the private topic of every
         # session of the inbox's principal (one key may hold several sessions).
-        inboxes = (targets[0].inbox, session.inbox) if targets[0].inbox != session.inbox else (session.inbox,)
+        inboxes = (recipient, session.inbox) if recipient != session.inbox else (session.inbox,)
         for inbox in inboxes:
             seq = self._next_seq(inbox)
             mine = inbox == session.inbox
@@ -862,8 +879,8 @@ class BrokerCore:
                               to, session.client if mine else None, req.cmid if mine else None)
             )
             frame = encode_stored_event(EventKind.DM, None, session.nick, req.text, ts=now, id=msg_id, seq=seq, to=to)
-            published.extend(self._publish_frame(owner.topic, frame) for owner in self.inboxes[inbox])
-        return self._stage(session, req.rid, published, req.cmid, (msg_id, now, seq))
+            published.extend(self._publish_frame(owner.topic, frame) for owner in self.inboxes.get(inbox, ()))
+        return self._stage(session, req.rid, published, req.cmid, (msg_id, now, seq), offline=offline)
 
     def _history(self, session: Session, req: History) -> Reply:
         self.stats.history_requests += 1

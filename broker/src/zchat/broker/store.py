@@ -164,6 +164,11 @@ class Store(Protocol):
         ``nkey`` (registered, staged included), or None."""
         ...
 
+    def registered_nick(self, nkey: str) -> tuple[str, str] | None:
+        """``(owner, nick as its owner typed it)`` for a registered nick key (staged
+        included), or None."""
+        ...
+
     def nicks_owned(self, owner: str) -> int:
         """How many nick keys ``owner`` owns (staged registrations included)."""
         ...
@@ -269,8 +274,12 @@ class MemoryStore:
         return removed
 
     def nick_owner(self, nkey: str) -> str | None:
+        record = self.registered_nick(nkey)
+        return record[0] if record is not None else None
+
+    def registered_nick(self, nkey: str) -> tuple[str, str] | None:
         row = self._staged_nicks.get(nkey) or self._nicks.get(nkey)
-        return row.owner if row is not None else None
+        return (row.owner, row.nick) if row is not None else None
 
     def nicks_owned(self, owner: str) -> int:
         return _owned(self._owned.get(owner, ()), self._staged_nicks, owner)
@@ -606,11 +615,15 @@ class SqliteStore:
         return removed
 
     def nick_owner(self, nkey: str) -> str | None:
+        record = self.registered_nick(nkey)
+        return record[0] if record is not None else None
+
+    def registered_nick(self, nkey: str) -> tuple[str, str] | None:
         staged = self._staged_nicks.get(nkey)
         if staged is not None:
-            return staged.owner
-        row = self._db.execute("SELECT owner FROM nicks WHERE nkey = ?", (nkey,)).fetchone()
-        return str(row[0]) if row else None
+            return staged.owner, staged.nick
+        row = self._db.execute("SELECT owner, nick FROM nicks WHERE nkey = ?", (nkey,)).fetchone()
+        return (str(row[0]), str(row[1])) if row else None
 
     def nicks_owned(self, owner: str) -> int:
         committed = [row[0] for row in self._db.execute("SELECT nkey FROM nicks WHERE owner = ?", (owner,))]

@@ -147,9 +147,13 @@ def encode_stored_event(
     return _pack(out)  # type: ignore[no-any-return]
 
 
-def encode_sent(rid: int, id: int, ts: float, seq: int) -> bytes:
-    """``encode(Sent(rid, id, ts, seq))``, without the Sent (as :func:`encode_stored_event`)."""
-    return _pack({"v": PROTOCOL_VERSION, "kind": "sent", "rid": rid, "id": id, "ts": ts, "seq": seq})  # type: ignore[no-any-return]
+def encode_sent(rid: int, id: int, ts: float, seq: int, offline: bool = False) -> bytes:
+    """``encode(Sent(rid, id, ts, seq, offline=offline))``, without the Sent (as
+    :func:`encode_stored_event`)."""
+    m = {"v": PROTOCOL_VERSION, "kind": "sent", "rid": rid, "id": id, "ts": ts, "seq": seq}
+    if offline:
+        m["offline"] = True
+    return _pack(m)  # type: ignore[no-any-return]
 
 
 def encode_map(m: dict[str, Any]) -> bytes:

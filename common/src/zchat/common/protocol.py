@@ -243,7 +243,8 @@ class Say:
 
 @dataclass(slots=True)
 class Dm:
-    """Send ``text`` privately to the session called ``to``."""
+    """Send ``text`` privately to the nick ``to``: to its live sessions, or (in secure mode,
+    for a nick registered to a key) into its key's inbox while it is offline."""
 
     KIND: ClassVar[RequestKind] = RequestKind.DM
     rid: int
@@ -580,7 +581,8 @@ class Sent:
 
     ``id`` and ``ts`` are the message's; ``seq`` its place in the room (for a DM: in the
     sender's inbox); ``dup`` is true when a resend matched a stored message by ``cmid``
-    (the original's id, ts and seq are returned and nothing new is stored).
+    (the original's id, ts and seq are returned and nothing new is stored); ``offline`` is
+    true when a DM's recipient had no session to deliver it to: it waits in their inbox.
     """
 
     KIND: ClassVar[ReplyKind] = ReplyKind.SENT
@@ -589,15 +591,19 @@ class Sent:
     ts: float
     seq: int = 0
     dup: bool = False
+    offline: bool = False
 
     @classmethod
     def from_map(cls, m: Map, rid: int) -> Sent:
-        return cls(rid, get_int(m, "id"), get_float(m, "ts"), get_int(m, "seq", default=0), get_bool(m, "dup"))
+        seq = get_int(m, "seq", default=0)
+        return cls(rid, get_int(m, "id"), get_float(m, "ts"), seq, get_bool(m, "dup"), get_bool(m, "offline"))
 
     def to_map(self) -> Map:
         out = {"v": PROTOCOL_VERSION, "kind": "sent", "rid": self.rid, "id": self.id, "ts": self.ts, "seq": self.seq}
         if self.dup:
             out["dup"] = True
+        if self.offline:
+            out["offline"] = True
         return out
 
 
