@@ -19,6 +19,7 @@ from typing import Protocol
 
 import pytest
 import zmq
+from tests.support import Keys
 
 from zchat.broker import Broker, BrokerConfig
 from zchat.broker.ratelimit import RateLimits
@@ -91,6 +92,40 @@ def broker_factory() -> Iterator[Callable[..., RunningBroker]]:
 def broker(broker_factory: Callable[..., RunningBroker]) -> RunningBroker:
     """A broker with default settings."""
     return broker_factory()
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> Keys:
+    """Key pairs in a 0700 directory, the broker's (``server``, not authorized) made."""
+    (tmp_path / "keys").mkdir(mode=0o700)
+    (tmp_path / "authorized").mkdir()
+    made = Keys(tmp_path / "keys", tmp_path / "authorized")
+    made.make("server", authorize=False)
+    return made
+
+
+@pytest.fixture
+def secure(broker_factory: Callable[..., RunningBroker], keys: Keys) -> RunningBroker:
+    """A broker in secure mode (CURVE, ``keys``' authorized directory), memory store."""
+    config = BrokerConfig(curve_secret_key=keys.secret("server"), authorized_keys=keys.authorized, store="memory")
+    return broker_factory(config)
+
+
+@pytest.fixture
+def clients(secure: RunningBroker, keys: Keys) -> Iterator[Callable[..., Client]]:
+    """``clients(name)``: a Client of the secure broker with ``name``'s key (server key by default)."""
+    made: list[Client] = []
+
+    def factory(name: str | None, server: str = "server") -> Client:
+        client = Client(secure.router, secure.pub, timeout=5.0,
+                        server_key=str(keys.public(server)) if name else None,
+                        key=keys.secret(name) if name else None)
+        made.append(client)
+        return client
+
+    yield factory
+    for client in made:
+        client.close()
 
 
 class Connect(Protocol):

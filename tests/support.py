@@ -1,11 +1,14 @@
 """Helpers shared by test modules: waiting for a condition, for events, for a sync marker,
-for the outcome of a ZeroMQ handshake."""
+for the outcome of a ZeroMQ handshake; CURVE key pairs for a secure broker."""
 
 from __future__ import annotations
 
 import secrets
+import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -13,6 +16,7 @@ from zmq.utils.monitor import recv_monitor_message
 from zchat.client import Client
 from zchat.common.codec import decode_event
 from zchat.common.codes import EventKind
+from zchat.common.keys import KeyPair, write_key_pair
 from zchat.common.protocol import Event
 from zchat.common.topics import sync_subscription
 
@@ -98,3 +102,30 @@ def handshake_outcome(monitor: Socket, timeout: float = WAIT) -> int:
             if event in wanted:
                 return event
     raise AssertionError(f"no handshake outcome within {timeout} s")
+
+
+@dataclass
+class Keys:
+    """Key pairs in ``dir``; the broker's authorized-keys directory is ``authorized``."""
+
+    dir: Path
+    authorized: Path
+    pairs: dict[str, KeyPair] = field(default_factory=dict)
+
+    def make(self, name: str, *, authorize: bool = True) -> KeyPair:
+        self.pairs[name] = pair = write_key_pair(self.dir, name)
+        if authorize:
+            self.authorize(name)
+        return pair
+
+    def authorize(self, name: str) -> None:
+        shutil.copy(self.dir / f"{name}.key", self.authorized / f"{name}.key")
+
+    def revoke(self, name: str) -> None:
+        (self.authorized / f"{name}.key").unlink()
+
+    def secret(self, name: str) -> Path:
+        return self.dir / f"{name}.key_secret"
+
+    def public(self, name: str) -> Path:
+        return self.dir / f"{name}.key"

@@ -7,7 +7,7 @@ import itertools
 import pytest
 
 from zchat.broker.core import BrokerCore, Subscription
-from zchat.client.core import ClientCore, Outgoing, Rekey, _Stamps, raise_for_error
+from zchat.client.core import DM, ClientCore, Outgoing, Rekey, _Stamps, raise_for_error
 from zchat.common.codec import decode_request, encode, encode_map
 from zchat.common.codes import ErrorCode, EventKind, RequestKind
 from zchat.common.errors import ProtocolError, RequestError
@@ -122,6 +122,21 @@ def test_welcome_opens_the_session(core: ClientCore) -> None:
     assert type(reply) is Welcome
     assert (core.nick, core.topic, core.motd) == ("Ann", TOPIC.encode(), "be nice")
     assert (core.heartbeat, core.session_timeout) == (4.0, 12.0)
+
+
+@pytest.mark.parametrize(("history", "dm_seq", "max_page", "starts_after"),
+                         [(0, 7, 200, 7), (5, 7, 200, 2), (50, 7, 200, 0), (50, 70, 30, 40), (5, 0, 200, 0)])
+def test_a_first_welcome_starts_the_inbox_history_back(history: int, dm_seq: int, max_page: int,
+                                                       starts_after: int) -> None:
+    core = ClientCore()
+    core.inbox_history = history
+    core.receive_reply(encode(Welcome(1, "ann", TOPIC, "", 4.0, 12.0, "id", dm_seq, max_page=max_page)))
+    feed = core.feeds[DM]
+    missing = starts_after if dm_seq > starts_after else None
+    assert (feed.last, feed.known, feed.gap()) == (starts_after, dm_seq, missing)
+    # A later welcome (a reconnection) carries on from the feed: nothing is delivered twice.
+    core.receive_reply(encode(Welcome(2, "ann", TOPIC, "", 4.0, 12.0, "id", dm_seq + 1, max_page=max_page)))
+    assert (core.feeds[DM] is feed, feed.last, feed.known) == (True, starts_after, dm_seq + 1)
 
 
 def test_joined_and_left_track_rooms(session: ClientCore) -> None:

@@ -7,6 +7,7 @@ client's socket monitor, and changes to the key directory with ``wait_until``.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -14,8 +15,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,7 +23,7 @@ import pytest
 import zmq
 import zmq.auth
 import zmq.utils.z85
-from tests.support import handshake_outcome, wait_until
+from tests.support import Keys, handshake_outcome, wait_until
 
 from zchat.broker import BrokerConfig
 from zchat.broker.zap import ZAP_DOMAIN, ZapHandler
@@ -282,65 +282,6 @@ def test_zap_handler_does_not_revoke_a_key_whose_file_is_being_rewritten(tmp_pat
 # -- a broker in secure mode -------------------------------------------------------------------
 
 
-@dataclass
-class Keys:
-    """Key pairs in ``dir``; the broker's authorized-keys directory is ``authorized``."""
-
-    dir: Path
-    authorized: Path
-    pairs: dict[str, KeyPair] = field(default_factory=dict)
-
-    def make(self, name: str, *, authorize: bool = True) -> KeyPair:
-        self.pairs[name] = pair = write_key_pair(self.dir, name)
-        if authorize:
-            self.authorize(name)
-        return pair
-
-    def authorize(self, name: str) -> None:
-        shutil.copy(self.dir / f"{name}.key", self.authorized / f"{name}.key")
-
-    def revoke(self, name: str) -> None:
-        (self.authorized / f"{name}.key").unlink()
-
-    def secret(self, name: str) -> Path:
-        return self.dir / f"{name}.key_secret"
-
-    def public(self, name: str) -> Path:
-        return self.dir / f"{name}.key"
-
-
-@pytest.fixture
-def keys(tmp_path: Path) -> Keys:
-    (tmp_path / "keys").mkdir(mode=0o700)
-    (tmp_path / "authorized").mkdir()
-    made = Keys(tmp_path / "keys", tmp_path / "authorized")
-    made.make("server", authorize=False)
-    return made
-
-
-@pytest.fixture
-def secure(broker_factory: Callable[..., RunningBroker], keys: Keys) -> RunningBroker:
-    config = BrokerConfig(curve_secret_key=keys.secret("server"), authorized_keys=keys.authorized, store="memory")
-    return broker_factory(config)
-
-
-@pytest.fixture
-def clients(secure: RunningBroker, keys: Keys) -> Iterator[Callable[..., Client]]:
-    """``clients(name)``: a Client of the secure broker with ``name``'s key (server key by default)."""
-    made: list[Client] = []
-
-    def factory(name: str | None, server: str = "server") -> Client:
-        client = Client(secure.router, secure.pub, timeout=CLIENT_TIMEOUT,
-                        server_key=str(keys.public(server)) if name else None,
-                        key=keys.secret(name) if name else None)
-        made.append(client)
-        return client
-
-    yield factory
-    for client in made:
-        client.close()
-
-
 def session_keys(rb: RunningBroker) -> list[str | None]:
     """The CURVE keys of the broker's live sessions (read on the broker's thread)."""
     core = rb.broker.core
@@ -370,6 +311,37 @@ def test_authorized_clients_chat_and_are_known_by_their_key(keys: Keys, secure: 
     event = next(e for e in b.events(timeout=5) if e.kind is EventKind.MESSAGE)
     assert (event.sender, event.text) == ("alice", "over CURVE")
     assert sorted(k or "" for k in session_keys(secure)) == sorted([alice.public, bob.public])
+
+
+@pytest.mark.timeout(30)
+def test_a_dm_to_an_offline_nick_waits_in_its_keys_inbox_until_it_connects(keys: Keys, secure: RunningBroker,
+                                                                           clients: Callable[..., Client]) -> None:
+    keys.make("alice")
+    keys.make("bob")
+    first = clients("bob")
+    first.connect("Bob")  # registers the nick to bob's key
+    first.close()  # bye: bob is offline
+    a = clients("alice")
+    a.connect("alice")
+    assert a.dm("bob", "while you were out").offline
+    b = clients("bob")  # a new process of bob's: a new client identity, the same key
+    b.connect("bob")
+    # connect() delivers the inbox's recent history before anything live.
+    first_dm = next(e for e in b.events(timeout=5) if e.kind is EventKind.DM)
+    assert (first_dm.sender, first_dm.to, first_dm.text, first_dm.seq) == ("alice", "Bob", "while you were out", 1)
+    assert not a.dm("bob", "welcome back").offline
+    live = next(e for e in b.events(timeout=5) if e.kind is EventKind.DM)
+    assert (live.text, live.seq) == ("welcome back", 2)
+    # The line client shows the inbox on connect, and says when a DM will wait.
+    env = clean_env(ZCHAT_SERVER_KEY=str(keys.public("server")), ZCHAT_KEY=str(keys.secret("alice")))
+    b.close()
+    done = run(["-m", "zchat.client", "--router", secure.router, "--pub", secure.pub, "--nick", "alice",
+                "--json"], env=env, stdin="/msg bob are you there?\n")
+    assert done.returncode == 0, done.stderr + done.stdout
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    dms = [line["text"] for line in lines if line.get("kind") == "dm"]
+    assert dms[:2] == ["while you were out", "welcome back"]  # alice's own copies, from her inbox
+    assert any(line["kind"] == "offline" and line["nick"] == "bob" for line in lines)
 
 
 @pytest.mark.timeout(20)

@@ -32,6 +32,7 @@ from zchat.common.protocol import Event
 
 if TYPE_CHECKING:
     from tests.conftest import BrokerProcess, RunningBroker
+    from tests.support import Keys
 
 #: Seconds any single wait may take before the test fails.
 WAIT = 8.0
@@ -213,6 +214,32 @@ def test_dm_panes_open_by_msg_and_by_an_incoming_dm(broker: RunningBroker, clien
         await until(pilot, lambda: "<carol> hi from carol" in pane_text(app))
 
     run_app(settings_for(broker), scenario)
+
+
+def test_dms_sent_while_away_open_their_panes_and_an_offline_peer_is_noted(
+    keys: Keys, secure: RunningBroker, clients: MakeClient
+) -> None:
+    keys.make("alice")
+    keys.make("bob")
+    earlier = clients("alice")
+    earlier.connect("alice")  # the nick is alice's key's from now on
+    earlier.close()
+    bob = clients("bob")
+    bob.connect("bob")
+    assert bob.dm("alice", "are you around?").offline
+
+    async def scenario(app: ChatApp, pilot: Pilot[None]) -> None:
+        await ready(app, pilot)
+        await until(pilot, lambda: "bob (1)" in " ".join(sidebar_labels(app)))  # delivered at connect
+        await type_line(pilot, "/msg bob")
+        await until(pilot, lambda: "<bob> are you around?" in pane_text(app))
+        await asyncio.to_thread(bob.close)
+        await type_line(pilot, "back now")
+        await until(pilot, lambda: "bob is offline: the message waits in their inbox" in pane_text(app))
+        assert app.current_key == dm_key("bob")
+
+    settings = settings_for(secure, server_key=str(keys.public("server")), key=str(keys.secret("alice")))
+    run_app(settings, scenario)
 
 
 # -- errors and status ---------------------------------------------------------------------------

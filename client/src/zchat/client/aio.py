@@ -8,8 +8,9 @@ reconnects when the broker stops answering or forgets the session.
 Delivery: every message, action and DM carries its channel's sequence number. The core's
 feeds deliver each exactly once and in order; a gap (seen in a later message or in the
 broker's periodic ``tick``) is filled from history. ``join`` delivers the room's recent
-history before its live traffic; after a reconnect every room and the DM inbox are filled
-from the last message seen.
+history before its live traffic, and ``connect`` the DM inbox's (in secure mode the inbox is
+the key's, and keeps DMs sent while it was offline); after a reconnect every room and the DM
+inbox are filled from the last message seen.
 
 Sending: ``say`` and ``dm`` carry a client message id; if the broker does not answer, or
 the connection is lost, the same request is sent again (flagged as a resend) until it is
@@ -260,7 +261,8 @@ class AsyncClient:
         router: the broker's ROUTER endpoint.
         pub: the broker's XPUB endpoint.
         timeout: seconds to wait for each reply.
-        history: messages of a room's history delivered when joining it (the broker caps it).
+        history: messages of a room's history delivered when joining it, and of the DM
+            inbox's when connecting (the broker caps it).
         send_timeout: seconds ``say``/``dm`` keep resending before giving up.
         client_id: this client's identity; pass the same one after a restart to make resends
             of messages sent before it recognisable (default: a fresh random one).
@@ -296,6 +298,7 @@ class AsyncClient:
         self.router, self.pub, self.timeout = router, pub, timeout
         self.join_history, self.send_timeout = history, send_timeout
         self.core = ClientCore(client_id)
+        self.core.inbox_history = history
         self.state = ClientState.DISCONNECTED
         self._on_state = on_state
         self._own_context = context is None
@@ -346,7 +349,8 @@ class AsyncClient:
         return self.core.client_id
 
     async def connect(self, nick: str) -> Welcome:
-        """Open the sockets and a session called ``nick``; return the broker's welcome.
+        """Open the sockets and a session called ``nick``; return the broker's welcome, once
+        the DM inbox's recent history (``history`` messages) is delivered.
 
         Raises:
             AuthenticationFailed: the security handshake failed (key refused, wrong server
@@ -367,6 +371,11 @@ class AsyncClient:
             asyncio.create_task(self._heartbeat(), name="zchat-heartbeat"),
             asyncio.create_task(self._supervise(), name="zchat-supervisor"),
         ]
+        try:
+            await self._fill(DM)  # the inbox's recent history, if it has any
+        except (RequestTimeout, RequestError, ConnectionClosed) as exc:
+            log.info("could not fetch the DM inbox yet: %s", exc)
+            self._schedule_fill(DM)  # connected all the same: fetched in the background
         return welcome
 
     async def join(self, room: str, *, private: bool = False, history: int | None = None) -> Joined:

@@ -174,8 +174,8 @@ class Bot(Handlers):
         description: one line on what the bot does (shown by ``!help``).
         rate, burst: outgoing messages a second, and how many may go at once after a pause.
         timeout: seconds to wait for each reply from the broker.
-        history: past messages of each room delivered when joining it (0: only new ones,
-            so a restarted bot does not answer old commands).
+        history: past messages of each room delivered when joining it, and of the DM inbox
+            at connect (0: only new ones, so a restarted bot does not answer old commands).
         give_up_after: seconds to keep resending a message the broker refuses with
             ``retry_after``.
         max_text: longer messages are cut to this many characters (the broker's limit).

@@ -48,7 +48,7 @@ OPTIONS = (
     c.Option("timeout", "--timeout", c.ENV_TIMEOUT, 5.0, c.parse_positive_float,
              "seconds to wait for each reply from the broker", "SECONDS"),
     c.Option("history", "--history", c.ENV_HISTORY, 50, c.parse_non_negative_int,
-             "past messages shown when joining a room", "COUNT"),
+             "past messages shown when joining a room, and of your DM inbox when connecting", "COUNT"),
     c.Option("server_key", "--server-key", c.ENV_SERVER_KEY, None, c.parse_text,
              "the broker's CURVE public key: its .key file, or the key itself (with --key: encrypted "
              "and authenticated)", "KEY"),
@@ -305,7 +305,9 @@ class Chat:
         nick, _, text = arg.partition(" ")
         if not nick or not text.strip():
             return self._usage("/msg NICK TEXT")
-        await self.client.dm(nick, text)
+        sent = await self.client.dm(nick, text)
+        if sent.offline:
+            self.out.info(f"-- {nick} is offline: the message waits in their inbox", {"kind": "offline", "nick": nick})
 
     async def _who(self, arg: str) -> None:
         room = arg or self._current_room()

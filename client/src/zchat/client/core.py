@@ -178,6 +178,9 @@ class ClientCore:
             them re-creates them private, never public.
         feeds: feed key (room name, or :data:`DM`) -> its :class:`Feed`.
         heartbeat, session_timeout, motd, max_page: from the welcome.
+        inbox_history: DMs of the inbox, from before this client's first session, to deliver
+            at that session's welcome (capped by ``max_page``); later welcomes carry on from
+            the inbox's feed.
     """
 
     def __init__(self, client_id: str | None = None) -> None:
@@ -196,6 +199,7 @@ class ClientCore:
         self.motd = ""
         self.sync_epoch: int | None = None
         self.epoch: int | None = None  # the broker's history epoch (Welcome.epoch)
+        self.inbox_history = 0
 
     def request(self, cls: type[Request], *args: Any, **kwargs: Any) -> Outgoing:
         """Build and encode a request of type ``cls`` with a fresh request id.
@@ -240,7 +244,10 @@ class ClientCore:
                 # everything in the new history is news to us.
                 self.feeds = {key: Feed(0) for key in self.feeds}
             self.epoch = reply.epoch
-            self.feeds.setdefault(DM, Feed(reply.dm_seq)).note(reply.dm_seq)
+            # The inbox outlives sessions (in secure mode it is the key's): a first session
+            # starts its feed inbox_history back, and the gap is fetched like any other.
+            back = min(self.inbox_history, self.max_page)
+            self.feeds.setdefault(DM, Feed(max(0, reply.dm_seq - back))).note(reply.dm_seq)
         elif type(reply) is Joined:
             self.rooms[reply.room] = reply.topic.encode()
             if reply.private:

@@ -126,7 +126,7 @@ class Commands:
         if conv.room is not None:
             await self.client.say(conv.room, text, action=action)
         elif conv.peer is not None:
-            await self.client.dm(conv.peer, text, action=action)
+            await self._dm(conv.peer, text, action=action)
         else:
             self._error("this is the status pane: /join a room or /msg someone first")
 
@@ -140,9 +140,13 @@ class Commands:
         if not nick:
             return self._error("usage: /msg NICK [TEXT]")
         if text.strip():
-            await self.client.dm(nick, text)  # an unknown nick fails here, before a pane opens
+            await self._dm(nick, text)  # an unknown nick fails here, before a pane opens
         self.view.convs.dm(nick)
         self.view.show(dm_key(nick))
+
+    async def _dm(self, nick: str, text: str, *, action: bool = False) -> None:
+        if (await self.client.dm(nick, text, action=action)).offline:
+            self.view.note(f"{nick} is offline: the message waits in their inbox", conv=self.view.convs.dm(nick))
 
     # -- rooms -------------------------------------------------------------------------------
 
@@ -239,7 +243,8 @@ class Commands:
             return self._error("usage: /history [N]")
         conv = self.view.current
         if conv.room is None:
-            # A DM pane has no more to fetch: this client's DM inbox began with this session.
+            # The DM inbox is one feed for every peer: what it had at connect time was
+            # delivered then (``--history`` of it), and older pages cannot be asked per peer.
             return self._error("/history works in a room's pane")
         if not await self.fetch_older(conv, int(arg) if arg else DEFAULT_HISTORY):
             self._note("no older messages")
