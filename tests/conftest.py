@@ -112,8 +112,8 @@ def secure(broker_factory: Callable[..., RunningBroker], keys: Keys) -> RunningB
 
 
 @pytest.fixture
-def clients(secure: RunningBroker, keys: Keys) -> Iterator[Callable[..., Client]]:
-    """``clients(name)``: a Client of the secure broker with ``name``'s key (server key by default)."""
+def curve_clients(secure: RunningBroker, keys: Keys) -> Iterator[Callable[..., Client]]:
+    """``curve_clients(name)``: a Client of the secure broker with ``name``'s key (server key by default)."""
     made: list[Client] = []
 
     def factory(name: str | None, server: str = "server") -> Client:

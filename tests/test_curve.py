@@ -29,7 +29,8 @@ from zchat.broker import BrokerConfig
 from zchat.broker.zap import ZAP_DOMAIN, ZapHandler
 from zchat.client import Client, EventKind
 from zchat.common.codec import decode_reply, encode
-from zchat.common.errors import AuthenticationFailed, AuthFailure, ConfigError, KeyFileError
+from zchat.common.codes import ErrorCode
+from zchat.common.errors import AuthenticationFailed, AuthFailure, ConfigError, KeyFileError, RequestError
 from zchat.common.keygen import main as keygen
 from zchat.common.keys import (
     KeyPair,
@@ -298,9 +299,9 @@ def fails_fast(client: Client, nick: str) -> tuple[AuthenticationFailed, float]:
 
 @pytest.mark.timeout(20)
 def test_authorized_clients_chat_and_are_known_by_their_key(keys: Keys, secure: RunningBroker,
-                                                           clients: Callable[..., Client]) -> None:
+                                                           curve_clients: Callable[..., Client]) -> None:
     alice, bob = keys.make("alice"), keys.make("bob")
-    a, b = clients("alice"), clients("bob")
+    a, b = curve_clients("alice"), curve_clients("bob")
     welcome = a.connect("alice")
     # The identity comes from the transport: ZAP's user id, the message's User-Id property.
     assert welcome.key == alice.public
@@ -314,45 +315,87 @@ def test_authorized_clients_chat_and_are_known_by_their_key(keys: Keys, secure: 
 
 
 @pytest.mark.timeout(30)
-def test_a_dm_to_an_offline_nick_waits_in_its_keys_inbox_until_it_connects(keys: Keys, secure: RunningBroker,
-                                                                           clients: Callable[..., Client]) -> None:
+def test_a_dm_to_an_offline_nick_waits_in_its_keys_inbox_until_it_connects(
+    keys: Keys, broker_factory: Callable[..., RunningBroker]
+) -> None:
+    # Ticks only every minute: the inbox must come with connect(), not with a later tick.
+    config = BrokerConfig(curve_secret_key=keys.secret("server"), authorized_keys=keys.authorized, store="memory",
+                          tick_interval=60.0)
+    rb = broker_factory(config)
+
+    def client(name: str) -> Client:
+        made = Client(rb.router, rb.pub, timeout=CLIENT_TIMEOUT, server_key=str(keys.public("server")),
+                      key=keys.secret(name))
+        opened.append(made)
+        return made
+
+    opened: list[Client] = []
     keys.make("alice")
     keys.make("bob")
-    first = clients("bob")
-    first.connect("Bob")  # registers the nick to bob's key
-    first.close()  # bye: bob is offline
-    a = clients("alice")
-    a.connect("alice")
-    assert a.dm("bob", "while you were out").offline
-    b = clients("bob")  # a new process of bob's: a new client identity, the same key
-    b.connect("bob")
-    # connect() delivers the inbox's recent history before anything live.
-    first_dm = next(e for e in b.events(timeout=5) if e.kind is EventKind.DM)
-    assert (first_dm.sender, first_dm.to, first_dm.text, first_dm.seq) == ("alice", "Bob", "while you were out", 1)
-    assert not a.dm("bob", "welcome back").offline
-    live = next(e for e in b.events(timeout=5) if e.kind is EventKind.DM)
-    assert (live.text, live.seq) == ("welcome back", 2)
-    # The line client shows the inbox on connect, and says when a DM will wait.
-    env = clean_env(ZCHAT_SERVER_KEY=str(keys.public("server")), ZCHAT_KEY=str(keys.secret("alice")))
-    b.close()
-    done = run(["-m", "zchat.client", "--router", secure.router, "--pub", secure.pub, "--nick", "alice",
-                "--json"], env=env, stdin="/msg bob are you there?\n")
-    assert done.returncode == 0, done.stderr + done.stdout
-    lines = [json.loads(line) for line in done.stdout.splitlines()]
-    dms = [line["text"] for line in lines if line.get("kind") == "dm"]
-    assert dms[:2] == ["while you were out", "welcome back"]  # alice's own copies, from her inbox
-    assert any(line["kind"] == "offline" and line["nick"] == "bob" for line in lines)
+    try:
+        first = client("bob")
+        first.connect("Bob")  # registers the nick to bob's key
+        first.close()  # bye: bob is offline
+        a = client("alice")
+        a.connect("alice")
+        assert a.dm("bob", "while you were out").offline
+        b = client("bob")  # a new process of bob's: a new client identity, the same key
+        b.connect("bob")
+        # connect() has delivered the inbox's recent history, before anything live.
+        first_dm = b.recv_event(timeout=0.001)
+        assert (first_dm.kind, first_dm.sender, first_dm.to, first_dm.text, first_dm.seq) == (
+            EventKind.DM, "alice", "Bob", "while you were out", 1
+        )
+        assert not a.dm("bob", "welcome back").offline
+        live = next(e for e in b.events(timeout=5) if e.kind is EventKind.DM)
+        assert (live.text, live.seq) == ("welcome back", 2)
+        b.close()
+        # The line client shows the inbox on connect, and says when a DM will wait.
+        env = clean_env(ZCHAT_SERVER_KEY=str(keys.public("server")), ZCHAT_KEY=str(keys.secret("alice")))
+        done = run(["-m", "zchat.client", "--router", rb.router, "--pub", rb.pub, "--nick", "alice",
+                    "--json"], env=env, stdin="/msg bob are you there?\n")
+        assert done.returncode == 0, done.stderr + done.stdout
+        lines = [json.loads(line) for line in done.stdout.splitlines()]
+        dms = [line["text"] for line in lines if line.get("kind") == "dm"]
+        assert dms[:2] == ["while you were out", "welcome back"]  # alice's own copies, from her inbox
+        assert any(line["kind"] == "offline" and line["nick"] == "bob" for line in lines)
+    finally:
+        for made in opened:
+            made.close()
+
+
+@pytest.mark.timeout(30)
+def test_no_dm_waits_for_a_revoked_key(keys: Keys, secure: RunningBroker,
+                                       curve_clients: Callable[..., Client]) -> None:
+    keys.make("alice")
+    keys.make("bob")
+    bob = curve_clients("bob")
+    bob.connect("bob")
+    bob.close()
+    alice = curve_clients("alice")
+    alice.connect("alice")
+    assert alice.dm("bob", "one").offline
+    keys.revoke("bob")
+
+    def refused() -> bool:
+        try:
+            alice.dm("bob", "anyone?")
+        except RequestError as exc:
+            return exc.code is ErrorCode.NO_SUCH_NICK
+        return False
+
+    wait_until(refused, timeout=10, interval=0.2)  # once the broker has seen the directory change
 
 
 @pytest.mark.timeout(20)
 def test_an_unknown_key_fails_fast_and_gets_no_access(keys: Keys, secure: RunningBroker,
-                                                     clients: Callable[..., Client]) -> None:
+                                                     curve_clients: Callable[..., Client]) -> None:
     keys.make("alice")
     keys.make("mallory", authorize=False)
-    watcher = clients("alice")
+    watcher = curve_clients("alice")
     watcher.connect("alice")
     watcher.join("general")
-    error, took = fails_fast(clients("mallory"), "mallory")
+    error, took = fails_fast(curve_clients("mallory"), "mallory")
     assert error.failure is AuthFailure.KEY_REFUSED
     assert keys.pairs["mallory"].public in str(error) and "authorized keys" in str(error)
     assert took < FAIL_FAST
@@ -362,10 +405,10 @@ def test_an_unknown_key_fails_fast_and_gets_no_access(keys: Keys, secure: Runnin
 
 
 @pytest.mark.timeout(20)
-def test_a_wrong_server_key_fails_fast(keys: Keys, secure: RunningBroker, clients: Callable[..., Client]) -> None:
+def test_a_wrong_server_key_fails_fast(keys: Keys, secure: RunningBroker, curve_clients: Callable[..., Client]) -> None:
     keys.make("alice")
     keys.make("impostor", authorize=False)  # a server key that is not this broker's
-    error, took = fails_fast(clients("alice", server="impostor"), "alice")
+    error, took = fails_fast(curve_clients("alice", server="impostor"), "alice")
     assert error.failure is AuthFailure.HANDSHAKE_FAILED
     assert "server key" in str(error)
     assert took < FAIL_FAST
@@ -373,9 +416,9 @@ def test_a_wrong_server_key_fails_fast(keys: Keys, secure: RunningBroker, client
 
 
 @pytest.mark.timeout(20)
-def test_a_plain_client_gets_no_access(keys: Keys, secure: RunningBroker, clients: Callable[..., Client],
+def test_a_plain_client_gets_no_access(keys: Keys, secure: RunningBroker, curve_clients: Callable[..., Client],
                                        zctx: zmq.Context[zmq.Socket[bytes]]) -> None:
-    error, took = fails_fast(clients(None), "plain")
+    error, took = fails_fast(curve_clients(None), "plain")
     assert error.failure is AuthFailure.MECHANISM_MISMATCH
     assert "--server-key" in str(error)
     assert took < FAIL_FAST
@@ -395,7 +438,7 @@ def test_a_plain_client_gets_no_access(keys: Keys, secure: RunningBroker, client
     refused = {zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_DISCONNECTED}
     assert outcome in refused, outcome
     keys.make("alice")
-    alice = clients("alice")
+    alice = curve_clients("alice")
     alice.connect("alice")
     alice.join("general")
     alice.say("general", "for members only")
@@ -406,26 +449,26 @@ def test_a_plain_client_gets_no_access(keys: Keys, secure: RunningBroker, client
 
 @pytest.mark.timeout(20)
 def test_a_key_added_while_running_is_accepted_without_restart(keys: Keys, secure: RunningBroker,
-                                                               clients: Callable[..., Client]) -> None:
+                                                               curve_clients: Callable[..., Client]) -> None:
     keys.make("late", authorize=False)
-    assert fails_fast(clients("late"), "late")[0].failure is AuthFailure.KEY_REFUSED
+    assert fails_fast(curve_clients("late"), "late")[0].failure is AuthFailure.KEY_REFUSED
     keys.authorize("late")
     start = time.monotonic()
-    assert clients("late").connect("late").key == keys.pairs["late"].public
+    assert curve_clients("late").connect("late").key == keys.pairs["late"].public
     assert time.monotonic() - start < FAIL_FAST  # its first try: no waiting for a periodic check
 
 
 @pytest.mark.timeout(20)
 def test_a_removed_key_is_refused_and_its_sessions_end(keys: Keys, secure: RunningBroker,
-                                                       clients: Callable[..., Client]) -> None:
+                                                       curve_clients: Callable[..., Client]) -> None:
     gone, stays = keys.make("gone"), keys.make("stays")
-    clients("gone").connect("gone")
-    clients("stays").connect("stays")
+    curve_clients("gone").connect("gone")
+    curve_clients("stays").connect("stays")
     keys.revoke("gone")
     # Noticed by the broker's periodic check (every second) without any new connection.
     wait_until(lambda: gone.public not in session_keys(secure), timeout=5)
     assert session_keys(secure) == [stays.public]
-    error, took = fails_fast(clients("gone"), "gone")
+    error, took = fails_fast(curve_clients("gone"), "gone")
     assert error.failure is AuthFailure.KEY_REFUSED
     assert took < FAIL_FAST
 
@@ -456,12 +499,12 @@ def test_a_revoked_keys_open_connection_is_heard_no_more(keys: Keys, secure: Run
 
 @pytest.mark.timeout(20)
 def test_a_reload_applies_a_removal_at_once(keys: Keys, secure: RunningBroker,
-                                            clients: Callable[..., Client]) -> None:
+                                            curve_clients: Callable[..., Client]) -> None:
     keys.make("gone")
     keys.revoke("gone")
     broker = secure.broker
     broker.submit(lambda: broker.reload(broker.config)).result(timeout=5)  # what SIGHUP does
-    assert fails_fast(clients("gone"), "gone")[0].failure is AuthFailure.KEY_REFUSED
+    assert fails_fast(curve_clients("gone"), "gone")[0].failure is AuthFailure.KEY_REFUSED
 
 
 @pytest.mark.timeout(20)
@@ -638,12 +681,12 @@ def test_joining_a_hundred_rooms_stays_within_the_default_flood_limits(
 
 @pytest.mark.timeout(30)
 def test_a_revoked_client_stops_reconnecting_and_says_why(
-    keys: Keys, secure: RunningBroker, clients: Callable[..., Client]
+    keys: Keys, secure: RunningBroker, curve_clients: Callable[..., Client]
 ) -> None:
     """Its key refused, retrying cannot help: the client stops, calls raise the refusal,
     events() ends, nothing leaks and close() is prompt."""
     keys.make("gone")
-    client = clients("gone")
+    client = curve_clients("gone")
     client.connect("gone")
     client.join("general")
     inner = client._client

@@ -7,13 +7,14 @@ XPUB would ask for them, with the subscriber's key.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 
 from zchat.broker.core import BrokerCore, Subscription
 from zchat.broker.ratelimit import Rate, RateLimits
-from zchat.broker.store import MemoryStore
+from zchat.broker.store import MemoryStore, SqliteStore
 from zchat.common.codec import decode_event, decode_reply, encode
 from zchat.common.codes import ErrorCode, EventKind, RequestKind
 from zchat.common.limits import Limits
@@ -312,9 +313,31 @@ def test_a_dm_to_any_nick_of_a_key_reaches_the_key_under_its_current_nick(secure
     secure.hello(A, "ann")
     ok(secure.send(A, Nick, "annie"), NickChanged)  # "ann" stays registered to key A
     secure.hello(B, "bob")
-    assert not ok(secure.send(B, Dm, "ann", "hi"), Sent).offline
+    # "offline" is about the nick named: that ann and annie are one key is not bob's to learn.
+    assert ok(secure.send(B, Dm, "ann", "hi"), Sent).offline
     (dm,) = on(secure.events(), secure.topics[A])
     assert (dm.to, dm.text) == ("ann", "hi")
+
+
+def test_no_dm_waits_for_a_revoked_key(secure: Net) -> None:
+    secure.hello(A, "ann")
+    ok(secure.send(A, Bye), Goodbye)
+    secure.hello(B, "bob")
+    secure.core.key_allowed = lambda key: key != KEY_A  # as the server's ZAP handler says
+    assert error(secure.send(B, Dm, "ann", "are you there?")) is ErrorCode.NO_SUCH_NICK
+    assert ok(secure.send(B, History, None, True), HistoryPage).events == ()
+
+
+def test_a_nick_registration_alone_is_committed(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "zchat.db")
+    net = Net(BrokerCore(store=store, secure=True), {A: KEY_A})
+    net.hello(A, "Ann")  # a turn with nothing else to commit
+    store.close()
+    again = SqliteStore(tmp_path / "zchat.db")
+    try:
+        assert again.registered_nick("ann") == (KEY_A, "Ann")
+    finally:
+        again.close()
 
 
 def test_a_dm_to_a_nick_nobody_registered_is_refused_and_stores_nothing(secure: Net) -> None:

@@ -217,14 +217,14 @@ def test_dm_panes_open_by_msg_and_by_an_incoming_dm(broker: RunningBroker, clien
 
 
 def test_dms_sent_while_away_open_their_panes_and_an_offline_peer_is_noted(
-    keys: Keys, secure: RunningBroker, clients: MakeClient
+    keys: Keys, secure: RunningBroker, curve_clients: MakeClient
 ) -> None:
     keys.make("alice")
     keys.make("bob")
-    earlier = clients("alice")
+    earlier = curve_clients("alice")
     earlier.connect("alice")  # the nick is alice's key's from now on
     earlier.close()
-    bob = clients("bob")
+    bob = curve_clients("bob")
     bob.connect("bob")
     assert bob.dm("alice", "are you around?").offline
 

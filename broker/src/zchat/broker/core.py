@@ -250,6 +250,9 @@ class BrokerCore:
         self.tick_interval = tick_interval
         self.tick_horizon = tick_horizon
         self.secure = secure
+        #: Whether a key is authorized now (secure mode; the I/O layer sets it to the ZAP
+        #: handler's check). A revoked key keeps its registered nicks, but no DM waits for it.
+        self.key_allowed: Callable[[str], bool] = lambda key: True
         self.flood = FloodControl(rate_limits) if rate_limits is not None else None
         self.sessions: dict[bytes, Session] = {}
         # nick key -> the live sessions using that nick (several only for one key's sessions)
@@ -770,6 +773,7 @@ class BrokerCore:
                 limit = self.limits.max_nicks_per_key
                 return self._error(rid, ErrorCode.TOO_MANY_NICKS, f"a key may own at most {limit} nicks")
             self.store.register_nick(nkey, principal, nick, self.now)
+            self._dirty = True  # committed with the turn even if nothing else is
         elif owner != principal:
             return self._error(rid, ErrorCode.NICK_TAKEN, f"nick {nick!r} is registered to another key")
         return None
@@ -859,11 +863,13 @@ class BrokerCore:
             # In secure mode a registered nick's inbox is its key's, online or not: the DM
             # waits there, and the owner reads it with `history` when they come back.
             record = self.store.registered_nick(nkey) if self.secure else None
-            if record is None:
+            if record is None or not self.key_allowed(record[0]):
                 return self._error(req.rid, ErrorCode.NO_SUCH_NICK, f"nobody is called {req.to!r}")
             owner, to = record
             recipient = "d:" + client_hash(owner)
-        offline = not self.inboxes.get(recipient)  # no session of the owner's key is connected
+        # Whether the nick named has a live session; not whether its key has one under another
+        # nick, which would tell the sender that two nicks are one key's.
+        offline = not targets
         msg_id, now = self._next_id(), self.now
         published: list[int] = []
         seq = 0

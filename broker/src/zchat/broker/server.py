@@ -139,6 +139,9 @@ class Broker:
             secure=self.zap is not None,
             rate_limits=config.rate_limits,
         )
+        if self.zap is not None:
+            zap = self.zap
+            self.core.key_allowed = lambda key: key in zap.allowed
         #: Seconds the last store commit took (for metrics and the benchmark).
         self.last_commit_seconds = 0.0
         fsync_each_commit = isinstance(self.store, SqliteStore) and config.durability is Durability.FULL

@@ -262,7 +262,9 @@ class AsyncClient:
         pub: the broker's XPUB endpoint.
         timeout: seconds to wait for each reply.
         history: messages of a room's history delivered when joining it, and of the DM
-            inbox's when connecting (the broker caps it).
+            inbox's when connecting (the broker caps it). With a key the inbox is the key's:
+            each new program sees its last DMs again (both directions), and those sent
+            while it was away; 0 delivers only new ones.
         send_timeout: seconds ``say``/``dm`` keep resending before giving up.
         client_id: this client's identity; pass the same one after a restart to make resends
             of messages sent before it recognisable (default: a fresh random one).
@@ -373,9 +375,9 @@ class AsyncClient:
         ]
         try:
             await self._fill(DM)  # the inbox's recent history, if it has any
-        except (RequestTimeout, RequestError, ConnectionClosed) as exc:
+        except Exception as exc:  # connected all the same: fetched in the background
             log.info("could not fetch the DM inbox yet: %s", exc)
-            self._schedule_fill(DM)  # connected all the same: fetched in the background
+            self._schedule_fill(DM)
         return welcome
 
     async def join(self, room: str, *, private: bool = False, history: int | None = None) -> Joined:
