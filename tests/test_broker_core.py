@@ -24,6 +24,8 @@ from zchat.common.codes import ErrorCode, EventKind
 from zchat.common.limits import Limits
 from zchat.common.names import nick_key, normalize_room
 from zchat.common.protocol import (
+    Away,
+    AwayChanged,
     Bye,
     Dm,
     ErrorReply,
@@ -194,7 +196,7 @@ def test_already_hello(peers: Peers) -> None:
 @pytest.mark.parametrize(
     ("cls", "args"),
     [(Join, ("general",)), (Leave, ("general",)), (Say, ("general", "hi")), (Dm, ("bob", "hi")),
-     (Who, ("general",)), (Rooms, ()), (Nick, ("ann",)), (Ping, ())],
+     (Who, ("general",)), (Rooms, ()), (Nick, ("ann",)), (Ping, ()), (Away, ("lunch",))],
 )
 def test_no_session_before_hello(peers: Peers, cls: type[Request], args: tuple[Any, ...]) -> None:
     peers.hello(B, "bob")
@@ -409,6 +411,51 @@ def test_nick_change_of_case_only_and_to_the_same_nick(chat: Peers) -> None:
 def test_nick_change_outside_rooms_publishes_nothing(chat: Peers) -> None:
     ok(chat.send(C, Nick, "caroline"), NickChanged)
     assert chat.events() == []
+
+
+# -- away ---------------------------------------------------------------------------------
+
+
+def test_away_is_announced_in_every_room_and_shown_by_who_and_joined(chat: Peers) -> None:
+    chat.join(A, "dev")
+    chat.events()
+    assert ok(chat.send(A, Away, "lunch, back at 2"), AwayChanged).text == "lunch, back at 2"
+    events = chat.events()
+    assert sorted(topic for topic, _ in events) == [b"r/dev/", b"r/general/"]
+    assert {(e.kind, e.sender, e.text) for _, e in events} == {(EventKind.AWAY, "ann", "lunch, back at 2")}
+    assert ok(chat.send(B, Who, "general"), Members).away == {"ann": "lunch, back at 2"}
+    assert chat.join(C, "general").away == {"ann": "lunch, back at 2"}
+    chat.events()
+    ok(chat.send(A, Away, "lunch, back at 2"), AwayChanged)  # the same again: nothing new to tell
+    assert chat.events() == []
+    assert ok(chat.send(A, Away), AwayChanged).text == ""  # back
+    assert {(e.kind, e.text) for _, e in chat.events()} == {(EventKind.AWAY, "")}
+    assert ok(chat.send(B, Who, "general"), Members).away == {}
+
+
+def test_a_dm_to_an_away_nick_is_delivered_and_its_sender_told_why(chat: Peers) -> None:
+    ok(chat.send(B, Away, "on a train"), AwayChanged)
+    chat.events()
+    sent = ok(chat.send(A, Dm, "BOB", "call me"), Sent)
+    assert (sent.away, sent.offline) == ("on a train", False)
+    assert [topic for topic, _ in chat.events()] == [chat.topics[B], chat.topics[A]]
+    assert ok(chat.send(B, Dm, "ann", "ok"), Sent).away == ""
+
+
+def test_an_away_session_joining_a_room_says_so_after_its_join(chat: Peers) -> None:
+    ok(chat.send(C, Away, "reading"), AwayChanged)
+    assert chat.events() == []  # in no room: nobody to tell
+    chat.join(C, "general")
+    assert [(e.kind, e.sender, e.text) for _, e in chat.events()] == [
+        (EventKind.JOIN, "carol", ""), (EventKind.AWAY, "carol", "reading")
+    ]
+
+
+def test_away_text_is_checked(chat: Peers) -> None:
+    assert error(chat.send_map(A, kind="away", text=5)) is ErrorCode.INVALID
+    assert error(chat.send_map(A, kind="away", text="x" * 391)) is ErrorCode.INVALID_TEXT
+    assert error(chat.send_map(A, kind="away", text="bad\x00")) is ErrorCode.INVALID_TEXT
+    assert chat.core.sessions[A].away == "" and chat.events() == []
 
 
 # -- bye and expiry -----------------------------------------------------------------------

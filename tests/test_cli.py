@@ -199,7 +199,7 @@ def test_json_mode_prints_one_object_per_event(broker: RunningBroker, client_fac
 
         proc.stdin.write("/who\n")
         proc.stdin.flush()
-        members = {"kind": "members", "room": "general", "members": ["carol", "robert"], "ops": []}
+        members = {"kind": "members", "room": "general", "members": ["carol", "robert"], "ops": [], "away": {}}
         assert out.next("members") == members
         proc.stdin.write("from carol\n")
         proc.stdin.close()  # end of input: the client says bye once its lines are acknowledged
@@ -212,6 +212,48 @@ def test_json_mode_prints_one_object_per_event(broker: RunningBroker, client_fac
         proc.wait(WAIT)
         for stream in (proc.stdin, proc.stdout, proc.stderr):
             stream.close()
+
+
+# -- away -----------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_line_mode_away_and_back(broker: RunningBroker, client_factory: Callable[..., Client]) -> None:
+    bob = client_factory("bob", "general")
+    proc = start_client(broker, "--json")
+    assert proc.stdin is not None and proc.stdout is not None
+
+    def send(line: str) -> None:
+        assert proc.stdin is not None
+        proc.stdin.write(line + "\n")
+        proc.stdin.flush()
+
+    try:
+        out = JsonLines(proc.stdout)
+        out.next("joined")
+        send("/away lunch, back at 2")
+        assert out.next("away_set") == {"kind": "away_set", "text": "lunch, back at 2"}
+        # The room's event, as every member gets it (before or after the reply: two sockets).
+        seen = next((o for o in out.seen if o["kind"] == "away"), None) or out.next("away")
+        assert (seen["room"], seen["sender"], seen["text"]) == ("general", "carol", "lunch, back at 2")
+        assert events_until(bob, lambda e: e.kind is EventKind.AWAY)[-1].text == "lunch, back at 2"
+        assert bob.members("general").away == {"carol": "lunch, back at 2"}
+        assert bob.dm("carol", "ping me").away == "lunch, back at 2"
+        bob.away("in a meeting")
+        send("/who")
+        assert out.next("members")["away"] == {"bob": "in a meeting", "carol": "lunch, back at 2"}
+        send("/msg bob later")
+        assert out.next("peer_away") == {"kind": "peer_away", "nick": "bob", "text": "in a meeting"}  # and sent
+        assert events_until(bob, lambda e: e.kind is EventKind.DM and e.text == "later")
+        send("/back")
+        assert out.next("away_set") == {"kind": "away_set", "text": ""}
+        proc.stdin.close()
+        assert proc.wait(WAIT) == 0
+        assert events_until(bob, lambda e: e.kind is EventKind.AWAY and e.sender == "carol" and not e.text)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(WAIT)
 
 
 # -- private rooms and moderation -------------------------------------------------------------
@@ -233,6 +275,7 @@ def test_json_mode_runs_a_private_room(broker: RunningBroker, client_factory: Ca
         send("/create den")
         assert out.next("joined") == {
             "kind": "joined", "room": "den", "members": ["carol"], "private": True, "subject": "", "ops": ["carol"],
+            "away": {},
         }  # fmt: skip
         send("/invite bob")
         assert out.next("moderated") == {"kind": "moderated", "room": "den", "action": "invite", "nick": "bob"}
@@ -299,6 +342,12 @@ def test_command_parsing_and_wording() -> None:
         "joined #den (private, 2 here: bob, @carol); topic: plans"
     )
     assert format_members("den", ["bob", "Carol"], ["carol"]) == "-- #den: 2 here: bob, @Carol"
+    assert format_members("den", ["bob", "Carol"], ["carol"], {"CAROL": "lunch"}) == (
+        "-- #den: 2 here: bob, @Carol (away: lunch)"
+    )
+    assert describe_joined(Joined(1, "g", "r/g/", ("bob", "carol"), 0, False, "", (), {"bob": "zzz"})) == (
+        "joined #g (2 here: bob (away: zzz), carol)"
+    )
     rooms = [RoomInfo("den", 2, True), RoomInfo("general", 5)]
     assert format_rooms(rooms) == "-- rooms: #den (2, private), #general (5)"
 

@@ -30,6 +30,8 @@ from zchat.common.names import check_text, normalize_nick, normalize_room
 from zchat.common.protocol import (
     MAX_RID,
     PROTOCOL_VERSION,
+    Away,
+    AwayChanged,
     Bye,
     Dm,
     ErrorReply,
@@ -100,6 +102,8 @@ REQUESTS: list[Request] = [
     Moderate(RequestKind.INVITE, 21, "ops", "bob"),
     SetTopic(22, "ops", "plans for friday"),
     SetTopic(23, "ops", ""),
+    Away(24, "lunch, back at 2"),
+    Away(25),
 ]
 REPLIES: list[Reply] = [
     Welcome(1, "ann", TOPIC, "be nice", 5.0, 15.0),
@@ -115,6 +119,11 @@ REPLIES: list[Reply] = [
     Moderated(14, "ops", "kick", "bob"),
     Moderated(14, "ops", "topic"),
     Members(5, "ops", ("ann", "bob"), ("ann",)),
+    Members(5, "general", ("ann", "bob"), (), {"bob": "lunch"}),
+    Joined(2, "general", "r/general/", ("ann", "bob"), 3, False, "", (), {"bob": "in a meeting"}),
+    Sent(4, 1_700_000_000_000_001, 1_700_000_000.25, 42, away="lunch"),
+    AwayChanged(15, "lunch"),
+    AwayChanged(15, ""),
     RoomList(6, (RoomInfo("ops", 0, True),)),
     HistoryPage(12, "general", (Event(EventKind.MESSAGE, "general", "ann", "hi", 1.5, 1, seq=1),), 1, False),
     HistoryPage(12, None, (), 0, False),
@@ -133,6 +142,7 @@ EVENTS: list[Event] = [
     Event(EventKind.MESSAGE, "general", "ann", "hi", 1.5, 1),
     Event(EventKind.ACTION, "general", "ann", "waves", 1.5, 2),
     Event(EventKind.JOIN, "general", "ann", "", 1.5, 3),
+    Event(EventKind.AWAY, "general", "ann", "lunch", 1.5, 3),
     Event(EventKind.LEAVE, "general", "ann", "timed out", 1.5, 4),
     Event(EventKind.NICK, "general", "ann", "", 1.5, 5, nick="anne"),
     Event(EventKind.DM, None, "ann", "psst", 1.5, 6, to="bob"),
@@ -749,8 +759,10 @@ def test_encode_stored_event_is_encode_of_the_event(event: Event) -> None:
 
 
 @PROPERTY
-@given(rids, counts, floats, counts, st.booleans())
-def test_encode_sent_is_encode_of_the_reply(rid: int, id: int, ts: float, seq: int, offline: bool) -> None:
-    frame = encode_sent(rid, id, ts, seq, offline)
-    assert frame == encode(Sent(rid, id, ts, seq, offline=offline))
-    assert decode_reply(frame) == Sent(rid, id, ts, seq, offline=offline)
+@given(rid=rids, id=counts, ts=floats, seq=counts, offline=st.booleans(), away=st.sampled_from(["", "lunch", "3 ☕"]))
+def test_encode_sent_is_encode_of_the_reply(
+    *, rid: int, id: int, ts: float, seq: int, offline: bool, away: str
+) -> None:
+    frame = encode_sent(rid, id, ts, seq, offline=offline, away=away)
+    assert frame == encode(Sent(rid, id, ts, seq, offline=offline, away=away))
+    assert decode_reply(frame) == Sent(rid, id, ts, seq, offline=offline, away=away)

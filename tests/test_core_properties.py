@@ -276,6 +276,10 @@ class CoreMachine(RuleBasedStateMachine):
     def nick(self, data: st.DataObject, nick: str) -> None:
         self._from(self._agent(data), "nick", nick=nick)
 
+    @rule(data=st.data(), text=st.sampled_from(["", "lunch"]))
+    def away(self, data: st.DataObject, text: str) -> None:
+        self._from(self._agent(data), "away", text=text, **FORGED)
+
     @rule(data=st.data(), now=st.integers(0, 3))
     def bye(self, data: st.DataObject, now: int) -> None:
         if not now:  # one time in four: sessions that live long see more
@@ -344,7 +348,7 @@ class CoreMachine(RuleBasedStateMachine):
     def _check_stream(self, events: list[tuple[bytes, Event]], committed: bool) -> None:
         """Sequencing, stamping and topics of a turn's publications, in publication order."""
         said = {asked.text: asked for asked in self.turn if asked.text is not None}
-        actors = {kind: {a.nick for a in self.turn if a.kind == kind} for kind in ("join", "nick", *MODERATION)}
+        actors = {kind: {a.nick for a in self.turn if a.kind == kind} for kind in ("join", "nick", "away", *MODERATION)}
         rekeys: list[Event] = []
         for topic, event in events:
             if event.kind in STORED:
@@ -357,6 +361,8 @@ class CoreMachine(RuleBasedStateMachine):
                 assert event.sender in actors["join"]
             elif event.kind is EventKind.NICK:
                 assert event.sender in actors["nick"]
+            elif event.kind is EventKind.AWAY:  # its own away, or the join of a session that is away
+                assert event.sender in actors["away"] | actors["join"]
             elif event.kind.value in MODERATION:
                 assert event.sender in actors[event.kind.value]
                 if event.kind in (EventKind.KICK, EventKind.BAN):

@@ -334,6 +334,26 @@ def test_clients_of_a_restarted_memory_broker_hear_the_new_messages(
     assert [(e.text, e.id) for e in seen.rooms[None]] == [("a dm after", dm.id)]
 
 
+def test_away_outlives_a_broker_restart(broker_process: Callable[..., BrokerProcess], clients: MakeClient) -> None:
+    """A session's away text is the client's: a new session after a restart is away again."""
+    options = ("--store", "memory", "--session-timeout", "2")
+    first = broker_process(*options)
+    alice = clients(first.router, first.pub, timeout=1.0)
+    alice.connect("alice")
+    alice.join("lobby")
+    assert alice.away("gone fishing") == "gone fishing"
+    first.proc.kill()
+    first.proc.wait(WAIT)
+    broker_process("--router", first.router, "--pub", first.pub, *options)
+    bob = clients(first.router, first.pub, timeout=1.0)
+    bob.connect("bob")
+    bob.join("lobby")
+    deadline = time.monotonic() + WAIT
+    while bob.members("lobby").away != {"alice": "gone fishing"}:  # alice back in, and away
+        assert time.monotonic() < deadline, f"alice is not back away: {bob.members('lobby')}"
+        time.sleep(0.02)
+
+
 # -- 2. a client killed between sending and its acknowledgement ----------------------------------
 
 #: A client that speaks the wire protocol by hand, so it sends exactly once and never resends:

@@ -242,6 +242,29 @@ def test_dms_sent_while_away_open_their_panes_and_an_offline_peer_is_noted(
     run_app(settings, scenario)
 
 
+def test_away_members_are_marked_and_away_is_a_command(broker: RunningBroker, client_factory: MakeClient) -> None:
+    bob = client_factory("bob", "general")
+
+    async def scenario(app: ChatApp, pilot: Pilot[None]) -> None:
+        await ready(app, pilot)
+        await asyncio.to_thread(bob.away, "lunch")
+        await until(pilot, lambda: member_labels(app) == ["alice", "bob (away: lunch)"])
+        await until(pilot, lambda: "bob is away: lunch" in pane_text(app))
+        await type_line(pilot, "/away brb")
+        await until(pilot, lambda: member_labels(app) == ["alice (away: brb)", "bob (away: lunch)"])
+        assert "you are away: brb" in pane_text(app)
+        await type_line(pilot, "/msg bob are you back?")
+        assert app.current_key == dm_key("bob")
+        await until(pilot, lambda: "bob is away: lunch" in pane_text(app))  # said in the DM pane
+        await asyncio.to_thread(bob.away)
+        await type_line(pilot, "/back")
+        await pilot.press("alt+2")  # #general
+        await until(pilot, lambda: member_labels(app) == ["alice", "bob"])
+        assert "bob is back" in pane_text(app)
+
+    run_app(settings_for(broker), scenario)
+
+
 # -- errors and status ---------------------------------------------------------------------------
 
 

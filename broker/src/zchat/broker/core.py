@@ -40,6 +40,8 @@ from zchat.common.errors import ProtocolError
 from zchat.common.limits import DEFAULT_LIMITS, Limits
 from zchat.common.names import nick_key
 from zchat.common.protocol import (
+    Away,
+    AwayChanged,
     Bye,
     Dm,
     ErrorReply,
@@ -131,6 +133,7 @@ class Session:
     principal: str
     pubkey: str | None = None
     rooms: dict[str, Room] = field(default_factory=dict)
+    away: str = ""  # why the session is away ("": it is not)
 
 
 @dataclass(eq=False, slots=True)
@@ -303,6 +306,7 @@ class BrokerCore:
             Hello: self._hello_again,
             Moderate: self._moderate,
             SetTopic: self._set_topic,
+            Away: self._away,
         }
 
     # -- inputs ----------------------------------------------------------------------------
@@ -403,7 +407,7 @@ class BrokerCore:
         """An error reply if ``request`` is over its principal's flood limits, else None."""
         assert self.flood is not None
         kind = type(request)
-        if kind is Say or kind is Dm:
+        if kind is Say or kind is Dm or kind is Away:  # away is published to every room of the session
             verdict, wait = self.flood.charge(session.principal, Kind.MESSAGES, self.mono)
             if verdict is Verdict.OK:
                 verdict, wait = self.flood.charge(session.principal, Kind.BYTES, self.mono, size)
@@ -623,10 +627,11 @@ class BrokerCore:
         sent: tuple[int, float, int],
         *,
         offline: bool = False,
+        away: str = "",
     ) -> bytes:
         """Record output that depends on the commit; return the ``sent`` reply (for the
-        message's ``(id, ts, seq)``, and ``offline`` for a DM nobody could receive yet) to
-        queue next."""
+        message's ``(id, ts, seq)``; for a DM, ``offline`` if the nick named has no live
+        session, ``away`` why its sessions are away) to queue next."""
         key = None
         if cmid is not None:
             key = (session.client, cmid)
@@ -635,7 +640,7 @@ class BrokerCore:
             if len(self._cmids) > CMID_CACHE_SIZE:
                 self._cmids.popitem(last=False)
         self._pending.append(_Pending(session.peer, rid, len(self._replies), publishes, key))
-        return encode_sent(rid, *sent, offline)
+        return encode_sent(rid, *sent, offline=offline, away=away)
 
     def _fail_batch(self) -> None:
         unavailable = ErrorReply(None, ErrorCode.UNAVAILABLE, "the message store refused the write", RETRY_AFTER)
@@ -788,7 +793,7 @@ class BrokerCore:
         acl = room.acl
         subject = acl.subject if acl is not None else room.subject
         return Joined(rid, room.name, room.topic.decode(), self._member_nicks(room), seq, acl is not None,
-                      subject, self._op_nicks(room))
+                      subject, self._op_nicks(room), self._away_nicks(room))
 
     def _join(self, session: Session, req: Join) -> Reply:
         room = self.rooms.get(req.room)
@@ -822,6 +827,8 @@ class BrokerCore:
         room.members.add(session)
         session.rooms[room.name] = room
         self._publish(room.topic, self._event(EventKind.JOIN, room.name, session.nick))
+        if session.away:  # the room's members learn it as they would have, had they been there
+            self._publish(room.topic, self._event(EventKind.AWAY, room.name, session.nick, session.away))
         return self._joined(req.rid, room)
 
     def _leave(self, session: Session, req: Leave) -> Reply:
@@ -857,8 +864,11 @@ class BrokerCore:
             return duplicate
         nkey = nick_key(req.to)
         targets = self.nicks.get(nkey)
+        away = ""
         if targets:
             to, recipient = targets[0].nick, targets[0].inbox
+            if all(t.away for t in targets):  # every session of the nick is away (as _away_nicks)
+                away = min(t.away for t in targets)
         else:
             # In secure mode a registered nick's inbox is its key's, online or not: the DM
             # waits there, and the owner reads it with `history` when they come back.
@@ -886,7 +896,7 @@ class BrokerCore:
             )
             frame = encode_stored_event(EventKind.DM, None, session.nick, req.text, ts=now, id=msg_id, seq=seq, to=to)
             published.extend(self._publish_frame(owner.topic, frame) for owner in self.inboxes.get(inbox, ()))
-        return self._stage(session, req.rid, published, req.cmid, (msg_id, now, seq), offline=offline)
+        return self._stage(session, req.rid, published, req.cmid, (msg_id, now, seq), offline=offline, away=away)
 
     def _history(self, session: Session, req: History) -> Reply:
         self.stats.history_requests += 1
@@ -951,7 +961,7 @@ class BrokerCore:
         room = self.rooms.get(req.room)
         if room is None or (room.acl is not None and session.principal not in room.acl.members):
             return self._error(req.rid, ErrorCode.NO_SUCH_ROOM, f"there is no room {req.room!r}")
-        return Members(req.rid, room.name, self._member_nicks(room), self._op_nicks(room))
+        return Members(req.rid, room.name, self._member_nicks(room), self._op_nicks(room), self._away_nicks(room))
 
     def _rooms(self, session: Session, req: Rooms) -> Reply:
         infos = [RoomInfo(name, len(room.members)) for name, room in self.rooms.items() if room.acl is None]
@@ -979,6 +989,15 @@ class BrokerCore:
                  extra={**_fields("nick", session), "old_nick": old})
         return NickChanged(req.rid, req.nick)
 
+    def _away(self, session: Session, req: Away) -> Reply:
+        if req.text != session.away:
+            session.away = req.text
+            for room in session.rooms.values():
+                self._publish(room.topic, self._event(EventKind.AWAY, room.name, session.nick, req.text))
+            log.info("session %s (%s) is %s", session.nick, session.peer.hex(), "away" if req.text else "back",
+                     extra=_fields("away" if req.text else "back", session))
+        return AwayChanged(req.rid, req.text)
+
     def _ping(self, session: Session, req: Ping) -> Reply:
         return Pong(req.rid, self.now)
 
@@ -992,6 +1011,15 @@ class BrokerCore:
         # nick_key first (how people read a list), then the nick itself: one key's sessions
         # may be "ann" and "ANN", and their order must not depend on the set's.
         return tuple(sorted((s.nick for s in room.members), key=_nick_order))
+
+    @staticmethod
+    def _away_nicks(room: Room) -> dict[str, str]:
+        """The away members' nicks and why (a nick that two sessions of one key share is
+        away if both are), in nick order."""
+        whys: dict[str, list[str]] = {}
+        for s in room.members:
+            whys.setdefault(s.nick, []).append(s.away)
+        return {nick: min(whys[nick]) for nick in sorted(whys, key=_nick_order) if all(whys[nick])}
 
     @staticmethod
     def _op_nicks(room: Room) -> tuple[str, ...]:

@@ -68,6 +68,8 @@ from zchat.common.errors import (
 from zchat.common.keys import KeyPair, load_public_key, load_secret_key
 from zchat.common.protocol import (
     STORED_KINDS,
+    Away,
+    AwayChanged,
     Bye,
     Dm,
     ErrorReply,
@@ -332,6 +334,7 @@ class AsyncClient:
         self._lost = asyncio.Event()
         self._last_heard = 0.0
         self._wanted_nick = ""
+        self._away = ""  # set again on a new session after a reconnection
 
     # -- session -----------------------------------------------------------------------------
 
@@ -516,6 +519,14 @@ class AsyncClient:
         nick = (await self._call(NickChanged, Nick, new_nick)).nick
         self._wanted_nick = nick
         return nick
+
+    async def away(self, text: str = "") -> str:
+        """Mark this session away, ``text`` saying why (``""``: back again); the rooms are
+        told with an ``away`` event, and a DM to this nick gets ``sent.away``. Kept across
+        reconnections."""
+        text = (await self._call(AwayChanged, Away, text)).text
+        self._away = text
+        return text
 
     async def history(
         self, room: str | None = None, *, before: int | None = None, after: int | None = None, limit: int = 50
@@ -946,7 +957,9 @@ class AsyncClient:
         for delay in backoff():
             await self._close_sockets()
             try:
-                await self._open_session(self._wanted_nick)
+                welcome = await self._open_session(self._wanted_nick)
+                if self._away and not welcome.resumed:  # before the rejoins, which then say so
+                    await self._call_patiently(AwayChanged, Away, self._away, wait=False)
                 for room in list(self.core.rooms):
                     await self._rejoin(room)
                 self._set_state(ClientState.CONNECTED)

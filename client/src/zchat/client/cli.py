@@ -34,7 +34,7 @@ from zchat.common.protocol import Event, Joined, Moderated, Welcome
 
 from . import __version__
 from .aio import AsyncClient, ClientState, curve_keys
-from .render import dumps, event_to_json, format_event, format_members, format_rooms, mark_ops
+from .render import describe_away, dumps, event_to_json, format_event, format_members, format_rooms, member_names
 
 OPTIONS = (
     c.Option("router", "--router", c.ENV_ROUTER, c.DEFAULT_ROUTER, c.parse_endpoint,
@@ -65,6 +65,7 @@ HELP = """commands:
   /who [ROOM]        who is in ROOM (default: the current room)
   /rooms             every room, with member counts
   /nick NEW          change your nick
+  /away [TEXT]       mark yourself away (TEXT: why; none: back again); /back also
   /history [N]       the last N messages of the current room (default 20)
   /topic TEXT        set the current room's topic (/topic -delete clears it)
 private rooms, for their operators (in the current room):
@@ -128,9 +129,10 @@ def moderate(client: AsyncClient, name: str, room: str, nick: str, reason: str =
 
 
 def describe_joined(joined: Joined) -> str:
-    """``joined #room (private, 2 here: @alice, bob)``, then the room's topic if it has one."""
+    """``joined #room (private, 2 here: @alice, bob (away: lunch))``, then the room's topic
+    if it has one."""
     kind = "private, " if joined.private else ""
-    members = ", ".join(mark_ops(joined.members, joined.ops))
+    members = ", ".join(member_names(joined.members, joined.ops, joined.away))
     topic = f"; topic: {joined.subject}" if joined.subject else ""
     return f"joined #{joined.room} ({kind}{len(joined.members)} here: {members}){topic}"
 
@@ -203,6 +205,8 @@ class Chat:
             "names": self._who,
             "rooms": self._rooms,
             "nick": self._nick,
+            "away": self._away,
+            "back": self._back,
             "history": self._history,
             "topic": self._topic,
             "help": self._help,
@@ -263,7 +267,7 @@ class Chat:
         joined = await self.client.join(parsed[0], private=private or parsed[1])
         self.room = joined.room
         obj = {"kind": "joined", "room": joined.room, "members": list(joined.members), "private": joined.private,
-               "subject": joined.subject, "ops": list(joined.ops)}
+               "subject": joined.subject, "ops": list(joined.ops), "away": joined.away}
         self.out.info(f"-- {describe_joined(joined)}", obj)
 
     async def _create(self, arg: str) -> None:
@@ -308,14 +312,18 @@ class Chat:
         sent = await self.client.dm(nick, text)
         if sent.offline:
             self.out.info(f"-- {nick} is offline: the message waits in their inbox", {"kind": "offline", "nick": nick})
+        elif sent.away:
+            obj = {"kind": "peer_away", "nick": nick, "text": sent.away}
+            self.out.info(f"-- {describe_away(nick, sent.away)}", obj)
 
     async def _who(self, arg: str) -> None:
         room = arg or self._current_room()
         if room is None:
             return
         reply = await self.client.members(room)
-        obj = {"kind": "members", "room": reply.room, "members": list(reply.members), "ops": list(reply.ops)}
-        self.out.info(format_members(reply.room, reply.members, reply.ops), obj)
+        obj = {"kind": "members", "room": reply.room, "members": list(reply.members), "ops": list(reply.ops),
+               "away": reply.away}
+        self.out.info(format_members(reply.room, reply.members, reply.ops, reply.away), obj)
 
     async def _rooms(self, arg: str) -> None:
         rooms = await self.client.rooms()
@@ -327,6 +335,14 @@ class Chat:
             return self._usage("/nick NEW")
         self.out.me = await self.client.nick(arg)
         self.out.info(f"-- you are now {self.out.me}", {"kind": "nick", "nick": self.out.me})
+
+    async def _away(self, arg: str) -> None:
+        text = await self.client.away(arg)
+        shown = f"you are away: {text}" if text else "you are back"
+        self.out.info(f"-- {shown}", {"kind": "away_set", "text": text})
+
+    async def _back(self, arg: str) -> None:
+        await self._away("")
 
     async def _history(self, arg: str) -> None:
         if arg and not arg.isdigit():

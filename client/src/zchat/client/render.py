@@ -56,6 +56,8 @@ def format_event(event: Event, me: str | None, *, one_line: bool = True) -> str:
         body = f"{where} <-- {event.sender} left ({text})" if text else f"{where} <-- {event.sender} left"
     elif kind is EventKind.NICK:
         body = f"{where} -- {event.sender} is now known as {event.nick}"
+    elif kind is EventKind.AWAY:
+        body = f"{where} -- {describe_away(event.sender, text)}"
     elif kind is EventKind.DM:
         outgoing = event.sender == me and event.to != me
         body = f"-> *{event.to}* {text}" if outgoing else f"*{event.sender}* {text}"
@@ -91,16 +93,26 @@ def describe_moderation(event: Event, me: str | None) -> str:
     return templates.get(kind, "{who} {kind} {nick}{why}").format(who=who, nick=nick, why=why, kind=kind.value)
 
 
-def format_members(room: str, members: Iterable[str], ops: Iterable[str] = ()) -> str:
-    """``-- #room: 2 here: @alice, bob``: operators marked with ``@``."""
-    names = mark_ops(members, ops)
+def describe_away(nick: str, why: str) -> str:
+    """``bob is away: lunch``, or ``bob is back`` when ``why`` is empty."""
+    return f"{nick} is away: {why}" if why else f"{nick} is back"
+
+
+def format_members(
+    room: str, members: Iterable[str], ops: Iterable[str] = (), away: dict[str, str] | None = None
+) -> str:
+    """``-- #room: 2 here: @alice, bob (away: lunch)``."""
+    names = member_names(members, ops, away)
     return f"-- #{room}: {len(names)} here: {', '.join(names)}"
 
 
-def mark_ops(members: Iterable[str], ops: Iterable[str]) -> list[str]:
-    """``members`` with an ``@`` before each operator's nick, as IRC shows them."""
+def member_names(members: Iterable[str], ops: Iterable[str] = (), away: dict[str, str] | None = None) -> list[str]:
+    """``members`` as IRC shows them: an ``@`` before each operator's nick, and after each
+    away member's nick why it is away."""
     op_keys = {nick_key(nick) for nick in ops}
-    return [("@" + nick if nick_key(nick) in op_keys else nick) for nick in members]
+    gone = {nick_key(nick): why for nick, why in (away or {}).items()}
+    return [("@" if nick_key(nick) in op_keys else "") + nick
+            + (f" (away: {gone[nick_key(nick)]})" if nick_key(nick) in gone else "") for nick in members]
 
 
 def format_rooms(rooms: list[RoomInfo]) -> str:

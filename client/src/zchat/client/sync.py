@@ -145,6 +145,9 @@ class Client:
     def nick(self, new_nick: str) -> str:
         return self._run(self._client.nick(new_nick))
 
+    def away(self, text: str = "") -> str:
+        return self._run(self._client.away(text))
+
     def ping(self) -> float:
         return self._run(self._client.ping())
 

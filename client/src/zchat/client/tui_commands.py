@@ -16,7 +16,7 @@ from zchat.common.protocol import Event
 
 from .aio import AsyncClient
 from .cli import CLEAR_TOPIC, MODERATION_USAGE, describe_joined, moderate, parse_join, parse_line, parse_moderation
-from .render import format_members, format_rooms
+from .render import describe_away, format_members, format_rooms
 from .tui_state import Conversation, Conversations, Note, dm_key, room_key
 
 HELP = """commands:
@@ -28,6 +28,7 @@ HELP = """commands:
   /who [ROOM]        who is in ROOM (default: the one shown)
   /rooms             every room, with member counts
   /nick NEW          change your nick
+  /away [TEXT]       mark yourself away (TEXT: why; none: back again); /back also
   /history [N]       N older messages of this pane (default 50)
   /topic [TEXT]      show or set this room's topic (/topic -delete clears it)
 private rooms, for their operators (in the room shown):
@@ -87,6 +88,8 @@ class Commands:
             "names": self._who,
             "rooms": self._rooms,
             "nick": self._nick,
+            "away": self._away,
+            "back": self._back,
             "history": self._history,
             "topic": self._topic,
             "help": self._help,
@@ -145,8 +148,11 @@ class Commands:
         self.view.show(dm_key(nick))
 
     async def _dm(self, nick: str, text: str, *, action: bool = False) -> None:
-        if (await self.client.dm(nick, text, action=action)).offline:
+        sent = await self.client.dm(nick, text, action=action)
+        if sent.offline:
             self.view.note(f"{nick} is offline: the message waits in their inbox", conv=self.view.convs.dm(nick))
+        elif sent.away:
+            self.view.note(describe_away(nick, sent.away), conv=self.view.convs.dm(nick))
 
     # -- rooms -------------------------------------------------------------------------------
 
@@ -171,7 +177,7 @@ class Commands:
                 self.view.drop(room_key(name))
             raise
         conv = self.view.convs.room(joined.room)
-        conv.set_members(joined.members, joined.ops)
+        conv.set_members(joined.members, joined.ops, joined.away)
         conv.subject, conv.private = joined.subject, joined.private
         if joined.private or joined.subject:
             self.view.note(describe_joined(joined), conv=conv)
@@ -195,9 +201,9 @@ class Commands:
         reply = await self.client.members(room)
         conv = self.view.convs.by_key.get(room_key(reply.room))
         if conv is not None:
-            conv.set_members(reply.members, reply.ops)
+            conv.set_members(reply.members, reply.ops, reply.away)
             self.view.refresh_panels()
-        self._note(format_members(reply.room, reply.members, reply.ops).removeprefix("-- "))
+        self._note(format_members(reply.room, reply.members, reply.ops, reply.away).removeprefix("-- "))
 
     async def _rooms(self, arg: str) -> None:
         self._note(format_rooms(await self.client.rooms()).removeprefix("-- "))
@@ -231,6 +237,13 @@ class Commands:
             return self._error("usage: /nick NEW")
         self._note(f"you are now {await self.client.nick(arg)}")
         self.view.refresh_panels()
+
+    async def _away(self, arg: str) -> None:
+        text = await self.client.away(arg)
+        self._note(f"you are away: {text}" if text else "you are back")
+
+    async def _back(self, arg: str) -> None:
+        await self._away("")
 
     async def _help(self, arg: str) -> None:
         for line in HELP.splitlines():

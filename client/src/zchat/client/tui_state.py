@@ -35,14 +35,14 @@ UNREAD_KINDS = frozenset({EventKind.MESSAGE, EventKind.ACTION, EventKind.DM})
 
 #: Commands offered by tab completion (the TUI's own and those of the line mode).
 COMMANDS = (
-    "/ban", "/create", "/deop", "/help", "/history", "/invite", "/join", "/kick", "/leave", "/me", "/msg",
-    "/nick", "/op", "/quit", "/rooms", "/topic", "/unban", "/who",
+    "/away", "/back", "/ban", "/create", "/deop", "/help", "/history", "/invite", "/join", "/kick", "/leave", "/me",
+    "/msg", "/nick", "/op", "/quit", "/rooms", "/topic", "/unban", "/who",
 )  # fmt: skip
 
 #: Room events that change who is in a room, who operates it, or its topic.
 ROOM_KINDS = frozenset({
     EventKind.JOIN, EventKind.LEAVE, EventKind.NICK, EventKind.INVITE, EventKind.KICK, EventKind.BAN,
-    EventKind.UNBAN, EventKind.OP, EventKind.DEOP, EventKind.TOPIC,
+    EventKind.UNBAN, EventKind.OP, EventKind.DEOP, EventKind.TOPIC, EventKind.AWAY,
 })  # fmt: skip
 
 
@@ -88,6 +88,7 @@ class Conversation:
     unread: int = 0
     members: dict[str, str] = field(default_factory=dict)  # nick key -> nick as shown
     ops: set[str] = field(default_factory=set)  # nick keys of the room's operators
+    away: dict[str, str] = field(default_factory=dict)  # nick key -> why, for members who are away
     subject: str = ""  # the room's topic line
     private: bool = False  # an invite-only room
     exhausted: bool = False  # scrolled back to the first stored message
@@ -102,14 +103,22 @@ class Conversation:
         """The seq of the oldest stored message shown here (None if none is)."""
         return min((line.seq for line in self.lines if isinstance(line, Event) and line.seq is not None), default=None)
 
-    def set_members(self, nicks: Iterable[str], ops: Iterable[str] | None = None) -> None:
-        """The room's members (and operators, when known)."""
+    def set_members(
+        self, nicks: Iterable[str], ops: Iterable[str] | None = None, away: dict[str, str] | None = None
+    ) -> None:
+        """The room's members (and operators, and who is away, when known)."""
         self.members = {nick_key(n): n for n in nicks}
         if ops is not None:
             self.ops = {nick_key(n) for n in ops}
+        if away is not None:
+            self.away = {nick_key(n): why for n, why in away.items()}
 
     def is_op(self, nick: str) -> bool:
         return nick_key(nick) in self.ops
+
+    def away_why(self, nick: str) -> str:
+        """Why ``nick`` is away ("": it is not)."""
+        return self.away.get(nick_key(nick), "")
 
     def prepend(self, events: Iterable[Event]) -> list[Event]:
         """Put older ``events`` before the scrollback; return those not already shown."""
@@ -164,11 +173,14 @@ class Conversations:
         elif kind is EventKind.LEAVE:
             members.pop(nick_key(event.sender), None)
             conv.ops.discard(nick_key(event.sender))
+            conv.away.pop(nick_key(event.sender), None)
         elif kind is EventKind.NICK and event.nick is not None:
             members.pop(nick_key(event.sender), None)
             members[nick_key(event.nick)] = event.nick
             if nick_key(event.sender) in conv.ops:
                 conv.ops = (conv.ops - {nick_key(event.sender)}) | {nick_key(event.nick)}
+            if nick_key(event.sender) in conv.away:
+                conv.away[nick_key(event.nick)] = conv.away.pop(nick_key(event.sender))
         elif kind in (EventKind.KICK, EventKind.BAN) and target is not None:
             if me is not None and target == nick_key(me):  # we are out: the lists are no longer ours
                 members.clear()
@@ -181,6 +193,11 @@ class Conversations:
             conv.ops.discard(target)
         elif kind is EventKind.TOPIC:
             conv.subject = event.text
+        elif kind is EventKind.AWAY:
+            if event.text:
+                conv.away[nick_key(event.sender)] = event.text
+            else:
+                conv.away.pop(nick_key(event.sender), None)
 
 
 class InputHistory:

@@ -64,6 +64,9 @@ def _render_event(event: Event, me: str | None = None) -> Text:
         )
     if kind in MODERATION_EVENTS:
         return Text.assemble(Text("* ", style="bold magenta"), Text(describe_moderation(event, me), style="magenta"))
+    if kind is EventKind.AWAY:
+        said = f" is away: {event.text}" if event.text else " is back"
+        return Text.assemble(Text("-- ", style="dim"), who, Text(said, style="dim"))
     return Text(f"-- {kind.value} {event.text}", style="dim")
 
 
@@ -191,8 +194,8 @@ class Sidebar(OptionList):
 
 
 class MemberList(OptionList):
-    """The current room's members in their colours, operators first with an ``@`` (a DM's
-    peer; nothing for the status pane)."""
+    """The current room's members in their colours, operators first with an ``@``, those who
+    are away dimmed with why (a DM's peer; nothing for the status pane)."""
 
     can_focus = False
 
@@ -205,7 +208,11 @@ class MemberList(OptionList):
         for nick in nicks:
             if nick:
                 mark = Text("@", style="bold") if conv.room and conv.is_op(nick) else Text("")
-                self.add_option(Text.assemble(mark, render_nick(nick)))
+                line = Text.assemble(mark, render_nick(nick))
+                if why := conv.away_why(nick):
+                    line.stylize("dim")
+                    line.append(f" (away: {why})", style="dim italic")
+                self.add_option(line)
         self.border_title = f"{len(conv.members)} here" if conv.room else ""
 
 

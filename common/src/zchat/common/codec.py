@@ -147,12 +147,14 @@ def encode_stored_event(
     return _pack(out)  # type: ignore[no-any-return]
 
 
-def encode_sent(rid: int, id: int, ts: float, seq: int, offline: bool = False) -> bytes:
-    """``encode(Sent(rid, id, ts, seq, offline=offline))``, without the Sent (as
+def encode_sent(rid: int, id: int, ts: float, seq: int, *, offline: bool = False, away: str = "") -> bytes:
+    """``encode(Sent(rid, id, ts, seq, offline=offline, away=away))``, without the Sent (as
     :func:`encode_stored_event`)."""
-    m = {"v": PROTOCOL_VERSION, "kind": "sent", "rid": rid, "id": id, "ts": ts, "seq": seq}
+    m: dict[str, object] = {"v": PROTOCOL_VERSION, "kind": "sent", "rid": rid, "id": id, "ts": ts, "seq": seq}
     if offline:
         m["offline"] = True
+    if away:
+        m["away"] = away
     return _pack(m)  # type: ignore[no-any-return]
 
 

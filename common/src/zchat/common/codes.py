@@ -31,6 +31,7 @@ class RequestKind(StrEnum):
     OP = "op"
     DEOP = "deop"
     TOPIC = "topic"  # set a room's topic (its subject line)
+    AWAY = "away"  # mark the session away (with a reason) or back
 
 
 #: The request kinds :class:`~zchat.common.protocol.Moderate` carries.
@@ -54,6 +55,7 @@ class ReplyKind(StrEnum):
     HISTORY = "history"  # history
     STATS = "stats"  # stats
     MODERATED = "moderated"  # invite, kick, ban, unban, op, deop, topic
+    AWAY = "away"  # away
     ERROR = "error"  # any request
 
 
@@ -79,6 +81,7 @@ class EventKind(StrEnum):
     DEOP = "deop"
     TOPIC = "topic"
     REKEY = "rekey"  # a private room moved to a new topic: subscribe to it (text) instead
+    AWAY = "away"  # a member went away (text: why) or came back (text "")
 
 
 class ErrorCode(StrEnum):

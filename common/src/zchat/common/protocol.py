@@ -16,7 +16,7 @@ Three families travel on the wire (PROTOCOL.md describes every field):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from .codes import MODERATION_KINDS, ErrorCode, EventKind, ReplyKind, RequestKind
@@ -85,6 +85,14 @@ def get_str_list(m: Map, field: str, rid: int | None = None) -> tuple[str, ...]:
     if type(value) is not list or any(type(item) is not str for item in value):
         raise _invalid(field, "a list of strings", rid)
     return tuple(value)
+
+
+def get_str_map(m: Map, field: str, rid: int | None = None) -> dict[str, str]:
+    """A map of strings to strings; absent: empty."""
+    value = m.get(field, {})
+    if type(value) is not dict or any(type(k) is not str or type(v) is not str for k, v in value.items()):
+        raise _invalid(field, "a map of strings to strings", rid)
+    return dict(value)
 
 
 _ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
@@ -441,14 +449,34 @@ class Bye(_Bare):
     KIND: ClassVar[RequestKind] = RequestKind.BYE
 
 
+@dataclass(slots=True)
+class Away:
+    """Mark this session away, ``text`` saying why (or until when); ``""`` marks it back."""
+
+    KIND: ClassVar[RequestKind] = RequestKind.AWAY
+    rid: int
+    text: str = ""
+
+    @classmethod
+    def from_map(cls, m: Map, rid: int, limits: Limits = DEFAULT_LIMITS) -> Away:
+        text = get_str(m, "text", rid, default="")
+        if text:
+            check_text(text, limits.max_subject)
+        return cls(rid, text)
+
+    def to_map(self) -> Map:
+        return {**_header(self.KIND, self.rid), "text": self.text}
+
+
 Request = (
     Hello | Join | Leave | Say | Dm | Who | Rooms | Nick | Ping | Bye | History | StatsRequest | Moderate | SetTopic
+    | Away
 )
 
 REQUEST_TYPES: dict[str, type[Request]] = {
     **{
         cls.KIND.value: cls
-        for cls in (Hello, Join, Leave, Say, Dm, Who, Rooms, Nick, Ping, Bye, History, StatsRequest, SetTopic)
+        for cls in (Hello, Join, Leave, Say, Dm, Who, Rooms, Nick, Ping, Bye, History, StatsRequest, SetTopic, Away)
     },
     **{kind.value: Moderate for kind in MODERATION_KINDS},
 }
@@ -526,7 +554,8 @@ class Joined:
     """Reply to ``join``: subscribe to ``topic``; ``seq`` is the room's last message's seq.
 
     ``private`` says whether the room is invite-only; ``subject`` is the room's topic line
-    (set with ``topic``); ``ops`` the nicks of the operators among the members.
+    (set with ``topic``); ``ops`` the nicks of the operators among the members; ``away``
+    the members who are away, with why.
     """
 
     KIND: ClassVar[ReplyKind] = ReplyKind.JOINED
@@ -538,13 +567,14 @@ class Joined:
     private: bool = False
     subject: str = ""
     ops: tuple[str, ...] = ()
+    away: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_map(cls, m: Map, rid: int) -> Joined:
         members = get_str_list(m, "members")
         ops = get_str_list(m, "ops") if "ops" in m else ()
         return cls(rid, get_str(m, "room"), get_str(m, "topic"), members, get_int(m, "seq", default=0),
-                   get_bool(m, "private"), get_str(m, "subject", default=""), ops)
+                   get_bool(m, "private"), get_str(m, "subject", default=""), ops, get_str_map(m, "away"))
 
     def to_map(self) -> Map:
         return {
@@ -556,6 +586,7 @@ class Joined:
             "private": self.private,
             "subject": self.subject,
             "ops": list(self.ops),
+            "away": dict(self.away),
         }
 
 
@@ -582,7 +613,8 @@ class Sent:
     ``id`` and ``ts`` are the message's; ``seq`` its place in the room (for a DM: in the
     sender's inbox); ``dup`` is true when a resend matched a stored message by ``cmid``
     (the original's id, ts and seq are returned and nothing new is stored); ``offline`` is
-    true when a DM's recipient had no session to deliver it to: it waits in their inbox.
+    true when a DM's recipient had no session to deliver it to: it waits in their inbox;
+    ``away`` is why a DM's recipient is away (``""``: not away).
     """
 
     KIND: ClassVar[ReplyKind] = ReplyKind.SENT
@@ -592,11 +624,12 @@ class Sent:
     seq: int = 0
     dup: bool = False
     offline: bool = False
+    away: str = ""
 
     @classmethod
     def from_map(cls, m: Map, rid: int) -> Sent:
-        seq = get_int(m, "seq", default=0)
-        return cls(rid, get_int(m, "id"), get_float(m, "ts"), seq, get_bool(m, "dup"), get_bool(m, "offline"))
+        seq, dup, offline = get_int(m, "seq", default=0), get_bool(m, "dup"), get_bool(m, "offline")
+        return cls(rid, get_int(m, "id"), get_float(m, "ts"), seq, dup, offline, get_str(m, "away", default=""))
 
     def to_map(self) -> Map:
         out = {"v": PROTOCOL_VERSION, "kind": "sent", "rid": self.rid, "id": self.id, "ts": self.ts, "seq": self.seq}
@@ -604,27 +637,31 @@ class Sent:
             out["dup"] = True
         if self.offline:
             out["offline"] = True
+        if self.away:
+            out["away"] = self.away
         return out
 
 
 @dataclass(slots=True)
 class Members:
-    """Reply to ``who``: the room's members' nicks, sorted, and which of them are operators."""
+    """Reply to ``who``: the room's members' nicks, sorted, which of them are operators, and
+    which are away (nick -> why)."""
 
     KIND: ClassVar[ReplyKind] = ReplyKind.MEMBERS
     rid: int
     room: str
     members: tuple[str, ...]
     ops: tuple[str, ...] = ()
+    away: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_map(cls, m: Map, rid: int) -> Members:
         ops = get_str_list(m, "ops") if "ops" in m else ()
-        return cls(rid, get_str(m, "room"), get_str_list(m, "members"), ops)
+        return cls(rid, get_str(m, "room"), get_str_list(m, "members"), ops, get_str_map(m, "away"))
 
     def to_map(self) -> Map:
         return {**_header(self.KIND, self.rid), "room": self.room, "members": list(self.members),
-                "ops": list(self.ops)}
+                "ops": list(self.ops), "away": dict(self.away)}
 
 
 @dataclass(slots=True)
@@ -671,6 +708,22 @@ class NickChanged:
 
     def to_map(self) -> Map:
         return {**_header(self.KIND, self.rid), "nick": self.nick}
+
+
+@dataclass(slots=True)
+class AwayChanged:
+    """Reply to ``away``: the session's away text from now on (``""``: back)."""
+
+    KIND: ClassVar[ReplyKind] = ReplyKind.AWAY
+    rid: int
+    text: str
+
+    @classmethod
+    def from_map(cls, m: Map, rid: int) -> AwayChanged:
+        return cls(rid, get_str(m, "text"))
+
+    def to_map(self) -> Map:
+        return {**_header(self.KIND, self.rid), "text": self.text}
 
 
 @dataclass(slots=True)
@@ -886,13 +939,13 @@ class StatsReply:
 
 Reply = (
     Welcome | Joined | Left | Sent | Members | RoomList | NickChanged | Pong | Goodbye | ErrorReply | HistoryPage
-    | StatsReply | Moderated
+    | StatsReply | Moderated | AwayChanged
 )
 
 REPLY_TYPES: dict[str, type[Reply]] = {
     cls.KIND.value: cls
     for cls in (
         Welcome, Joined, Left, Sent, Members, RoomList, NickChanged, Pong, Goodbye, ErrorReply, HistoryPage,
-        StatsReply, Moderated,
+        StatsReply, Moderated, AwayChanged,
     )
 }
