@@ -8,6 +8,7 @@ a timeout, and the environment is stripped of ``ZCHAT_*`` variables unless a tes
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -61,6 +62,28 @@ def start_client(rb: RunningBroker, *args: str) -> subprocess.Popen[str]:
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env(),
     )  # fmt: skip
 
+
+
+@contextlib.contextmanager
+def json_client(rb: RunningBroker) -> Iterator[tuple[Callable[[str], None], JsonLines, subprocess.Popen[str]]]:
+    """The line client as carol in #general with ``--json``, joined: ``send(line)``, its
+    output, and the process (killed at the end if still running)."""
+    proc = start_client(rb, "--json")
+    assert proc.stdin is not None and proc.stdout is not None
+    stdin = proc.stdin
+
+    def send(line: str) -> None:
+        stdin.write(line + "\n")
+        stdin.flush()
+
+    try:
+        out = JsonLines(proc.stdout)
+        out.next("joined")  # #general
+        yield send, out, proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(WAIT)
 
 
 def summary(events: list[Event]) -> list[tuple[str, str, str]]:
@@ -220,17 +243,7 @@ def test_json_mode_prints_one_object_per_event(broker: RunningBroker, client_fac
 @pytest.mark.timeout(30)
 def test_line_mode_away_and_back(broker: RunningBroker, client_factory: Callable[..., Client]) -> None:
     bob = client_factory("bob", "general")
-    proc = start_client(broker, "--json")
-    assert proc.stdin is not None and proc.stdout is not None
-
-    def send(line: str) -> None:
-        assert proc.stdin is not None
-        proc.stdin.write(line + "\n")
-        proc.stdin.flush()
-
-    try:
-        out = JsonLines(proc.stdout)
-        out.next("joined")
+    with json_client(broker) as (send, out, proc):
         send("/away lunch, back at 2")
         assert out.next("away_set") == {"kind": "away_set", "text": "lunch, back at 2"}
         # The room's event, as every member gets it (before or after the reply: two sockets).
@@ -247,13 +260,10 @@ def test_line_mode_away_and_back(broker: RunningBroker, client_factory: Callable
         assert events_until(bob, lambda e: e.kind is EventKind.DM and e.text == "later")
         send("/back")
         assert out.next("away_set") == {"kind": "away_set", "text": ""}
+        assert proc.stdin is not None
         proc.stdin.close()
         assert proc.wait(WAIT) == 0
         assert events_until(bob, lambda e: e.kind is EventKind.AWAY and e.sender == "carol" and not e.text)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(WAIT)
 
 
 # -- private rooms and moderation -------------------------------------------------------------
@@ -261,17 +271,7 @@ def test_line_mode_away_and_back(broker: RunningBroker, client_factory: Callable
 
 def test_json_mode_runs_a_private_room(broker: RunningBroker, client_factory: Callable[..., Client]) -> None:
     bob = client_factory("bob")
-    proc = start_client(broker, "--json")
-    assert proc.stdin is not None and proc.stdout is not None
-
-    def send(line: str) -> None:
-        assert proc.stdin is not None
-        proc.stdin.write(line + "\n")
-        proc.stdin.flush()
-
-    try:
-        out = JsonLines(proc.stdout)
-        out.next("joined")  # #general
+    with json_client(broker) as (send, out, proc):
         send("/create den")
         assert out.next("joined") == {
             "kind": "joined", "room": "den", "members": ["carol"], "private": True, "subject": "", "ops": ["carol"],
@@ -292,15 +292,12 @@ def test_json_mode_runs_a_private_room(broker: RunningBroker, client_factory: Ca
         send("/kick")
         assert out.next("error") == {"kind": "error", "code": "usage", "reason": "usage: /kick NICK [REASON]"}
         send("still private")
+        assert proc.stdin is not None
         proc.stdin.close()
         assert proc.wait(WAIT) == 1  # the usage error
         events = events_until(bob, lambda e: e.kind is EventKind.KICK)
         assert [e.kind for e in events] == [EventKind.TOPIC, EventKind.KICK]
         assert "den" not in bob.joined
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(WAIT)
 
 
 def test_line_mode_shows_moderation_in_words(broker: RunningBroker, client_factory: Callable[..., Client]) -> None:
