@@ -337,6 +337,11 @@ def test_missing_or_wrong_typed_field_is_invalid_with_rid(fields: dict[str, Any]
         ({"kind": "say", "room": "gen", "text": ""}, ErrorCode.INVALID_TEXT),
         ({"kind": "say", "room": "gen", "text": "\x1b[2J"}, ErrorCode.INVALID_TEXT),
         ({"kind": "dm", "to": "bob", "text": "x" * 4001}, ErrorCode.INVALID_TEXT),
+        ({"kind": "away", "text": "gone\nbob (away: forged)"}, ErrorCode.INVALID_TEXT),  # one line only
+        ({"kind": "away", "text": "a\tb"}, ErrorCode.INVALID_TEXT),
+        ({"kind": "away", "text": "   "}, ErrorCode.INVALID_TEXT),
+        ({"kind": "away", "text": "x" * 391}, ErrorCode.INVALID_TEXT),
+        ({"kind": "away", "text": 5}, ErrorCode.INVALID),
     ],
 )
 def test_bad_names_and_text_keep_rid(fields: dict[str, Any], code: ErrorCode) -> None:
@@ -374,6 +379,13 @@ def test_limits_apply_to_names_and_text() -> None:
         {"v": 1, "kind": "sent", "rid": 1, "id": True, "ts": 1.0},
         {"v": 1, "kind": "sent", "rid": 1, "id": 1, "ts": "now"},
         {"v": 1, "kind": "rooms", "rid": 1, "rooms": [["g", 1]]},
+        {"v": 1, "kind": "members", "rid": 1, "room": "g", "members": ["a"], "away": ["a"]},
+        {"v": 1, "kind": "members", "rid": 1, "room": "g", "members": ["a"], "away": {"a": 1}},
+        {"v": 1, "kind": "members", "rid": 1, "room": "g", "members": ["a"], "away": {"a": {"b": "c"}}},
+        {"v": 1, "kind": "joined", "rid": 1, "room": "g", "topic": "r/g/", "members": [], "away": "a"},
+        {"v": 1, "kind": "sent", "rid": 1, "id": 1, "ts": 1.0, "away": True},
+        {"v": 1, "kind": "away", "rid": 1},
+        {"v": 1, "kind": "away", "rid": 1, "text": None},
         {"v": 1, "kind": "rooms", "rid": 1, "rooms": [{"room": "g", "members": -1}]},
         {"v": 1, "kind": "rooms", "rid": 1, "rooms": [{"room": "g"}]},
         {"v": 1, "kind": "rooms", "rid": 1, "rooms": {"room": "g", "members": 1}},
@@ -545,6 +557,8 @@ any_text = st.text(st.characters(codec="utf-8"), max_size=30)
 floats = st.floats(allow_nan=False)
 counts = st.integers(0, 2**63 - 1)  # every integer field is 0 to 2**63-1 (protocol.MAX_INT)
 
+away_texts = texts.filter(lambda t: len(t) <= 390 and bool(t.strip()) and "\n" not in t and "\t" not in t)
+
 requests: st.SearchStrategy[Request] = st.one_of(
     st.builds(Hello, rids, nicks),
     st.builds(Join, rids, rooms),
@@ -556,13 +570,16 @@ requests: st.SearchStrategy[Request] = st.one_of(
     st.builds(Nick, rids, nicks),
     st.builds(Ping, rids),
     st.builds(Bye, rids),
+    st.builds(Away, rids, st.just("") | away_texts),
 )
 replies: st.SearchStrategy[Reply] = st.one_of(
     st.builds(Welcome, rids, any_text, any_text, any_text, floats, floats),
     st.builds(Joined, rids, any_text, any_text, st.lists(any_text).map(tuple)),
     st.builds(Left, rids, any_text),
-    st.builds(Sent, rids, counts, floats),
-    st.builds(Members, rids, any_text, st.lists(any_text).map(tuple)),
+    st.builds(Sent, rids, counts, floats, counts, st.booleans(), st.booleans(), any_text),
+    st.builds(Members, rids, any_text, st.lists(any_text).map(tuple), st.lists(any_text).map(tuple),
+              st.dictionaries(any_text, any_text, max_size=3)),
+    st.builds(AwayChanged, rids, any_text),
     st.builds(RoomList, rids, st.lists(st.builds(RoomInfo, any_text, counts)).map(tuple)),
     st.builds(NickChanged, rids, any_text),
     st.builds(Pong, rids, floats),

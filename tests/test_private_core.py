@@ -19,6 +19,8 @@ from zchat.common.codec import decode_event, decode_reply, encode
 from zchat.common.codes import ErrorCode, EventKind, RequestKind
 from zchat.common.limits import Limits
 from zchat.common.protocol import (
+    Away,
+    AwayChanged,
     Bye,
     Dm,
     ErrorReply,
@@ -409,6 +411,40 @@ def flood_net(secure: bool = False, **limits: Any) -> Net:
     ok(net.send(B, Join, "general"), Joined)
     net.events()
     return net
+
+
+def test_away_and_nick_cost_a_message_per_room_they_are_announced_in() -> None:
+    net = flood_net(messages=Rate(0.001, 4))  # nothing refills meanwhile
+    ok(net.send(A, Join, "dev"), Joined)  # ann is in two rooms
+    ok(net.send(A, Away, "lunch"), AwayChanged)  # two tokens of the four
+    ok(net.send(A, Nick, "annie"), NickChanged)  # two more: none left
+    assert error(net.send(A, Away)) is ErrorCode.RATE_LIMITED
+    assert net.core.sessions[A].away == "lunch"  # refused: nothing changed
+    for room in ("r1", "r2", "r3", "r4", "r5"):
+        ok(net.send(B, Join, room), Joined)
+    ok(net.send(B, Away, "in six rooms"), AwayChanged)  # six rooms, capped at the burst: it can pass
+    assert error(net.send(B, Say, "general", "hi")) is ErrorCode.RATE_LIMITED  # it took all four
+
+
+def test_a_nick_two_sessions_share_is_away_only_when_both_are(secure: Net) -> None:
+    secure.hello(A, "ann")
+    secure.hello(D, "ann")  # key A again
+    secure.hello(B, "bob")
+    for peer in (A, D, B):
+        ok(secure.send(peer, Join, "g"), Joined)
+    secure.events()
+    ok(secure.send(A, Away, "lunch"), AwayChanged)
+    assert secure.events() == []  # D is still here: so is ann
+    assert ok(secure.send(B, Who, "g"), Members).away == {}
+    assert ok(secure.send(B, Dm, "ann", "hi"), Sent).away == ""
+    secure.events()
+    ok(secure.send(D, Away, "coffee"), AwayChanged)
+    assert [(e.kind, e.sender, e.text) for _, e in secure.events()] == [(EventKind.AWAY, "ann", "coffee")]
+    assert ok(secure.send(B, Who, "g"), Members).away == {"ann": "coffee"}  # the first reason of the two
+    assert ok(secure.send(B, Dm, "ann", "hi"), Sent).away == "coffee"
+    secure.events()
+    ok(secure.send(A, Away), AwayChanged)
+    assert [(e.kind, e.text) for _, e in secure.events()] == [(EventKind.AWAY, "")]
 
 
 def test_over_the_message_budget_the_reply_says_when_to_retry() -> None:

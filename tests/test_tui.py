@@ -252,7 +252,7 @@ def test_away_members_are_marked_and_away_is_a_command(broker: RunningBroker, cl
         await until(pilot, lambda: "bob is away: lunch" in pane_text(app))
         await type_line(pilot, "/away brb")
         await until(pilot, lambda: member_labels(app) == ["alice (away: brb)", "bob (away: lunch)"])
-        assert "you are away: brb" in pane_text(app)
+        await until(pilot, lambda: "you are away: brb" in pane_text(app))  # the reply: another socket
         await type_line(pilot, "/msg bob are you back?")
         assert app.current_key == dm_key("bob")
         await until(pilot, lambda: "bob is away: lunch" in pane_text(app))  # said in the DM pane
@@ -375,12 +375,18 @@ def test_moderation_events_keep_the_panes_state() -> None:
     convs.route(event(EventKind.DEOP, "robert"), "carol")
     convs.route(event(EventKind.TOPIC, text="plans"), "carol")
     assert (ops(), den.subject) == (["alice"], "plans")
+    convs.route(event(EventKind.AWAY, text="lunch", sender="robert"), "carol")
+    convs.route(event(EventKind.AWAY, text="tea", sender="alice"), "carol")
+    assert (den.away_why("ROBERT"), den.away_why("alice")) == ("lunch", "tea")
     convs.route(event(EventKind.KICK, "robert", "spam"), "carol")
     assert sorted(den.members.values()) == ["alice", "carol"]
+    assert (den.away_why("robert"), den.away_why("alice")) == ("", "tea")  # robert's went with him
+    convs.route(event(EventKind.JOIN, sender="robert"), "carol")
+    assert den.away_why("robert") == ""  # back in: away again only if an away event says so
     assert convs.route(event(EventKind.INVITE, "carol", room="attic"), "carol") is convs.by_key[STATUS]
     assert "#attic" not in convs.by_key
     convs.route(event(EventKind.BAN, "carol"), "carol")  # us: the pane keeps its lines, not its lists
-    assert (den.members, den.ops) == ({}, set())
+    assert (den.members, den.ops, den.away) == ({}, set(), {})
 
 
 def test_an_unreachable_broker_ends_the_app_with_status_1() -> None:

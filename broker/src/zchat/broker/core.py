@@ -403,12 +403,21 @@ class BrokerCore:
         verdict, _ = self.flood.charge(key, Kind.SUBSCRIPTIONS, self.mono, strike=False)
         return verdict is not Verdict.OK
 
+    def _fan_out(self, session: Session, kind: type[Request]) -> float:
+        """Messages a request costs: one, or for away and nick (published to each of the
+        session's rooms) one a room, up to the bucket's burst (so that it can pass)."""
+        if kind is Say or kind is Dm or not session.rooms:
+            return 1.0
+        assert self.flood is not None
+        rate = self.flood.limits.messages
+        return float(min(len(session.rooms), rate.burst) if rate is not None else len(session.rooms))
+
     def _charge(self, session: Session, request: Request, size: int) -> Reply | None:
         """An error reply if ``request`` is over its principal's flood limits, else None."""
         assert self.flood is not None
         kind = type(request)
-        if kind is Say or kind is Dm or kind is Away:  # away is published to every room of the session
-            verdict, wait = self.flood.charge(session.principal, Kind.MESSAGES, self.mono)
+        if kind is Say or kind is Dm or kind is Away or kind is Nick:
+            verdict, wait = self.flood.charge(session.principal, Kind.MESSAGES, self.mono, self._fan_out(session, kind))
             if verdict is Verdict.OK:
                 verdict, wait = self.flood.charge(session.principal, Kind.BYTES, self.mono, size)
         elif kind is Join:
@@ -824,11 +833,12 @@ class BrokerCore:
             room = Room(req.room, topic, "r:" + req.room, acl=acl)
             self.rooms[room.name] = room
             self.room_topics[room.topic] = room
+        was = self._nick_away(room, session.nick)  # another session of the key may be here
         room.members.add(session)
         session.rooms[room.name] = room
         self._publish(room.topic, self._event(EventKind.JOIN, room.name, session.nick))
-        if session.away:  # the room's members learn it as they would have, had they been there
-            self._publish(room.topic, self._event(EventKind.AWAY, room.name, session.nick, session.away))
+        if (why := self._nick_away(room, session.nick)) != was:  # as if they had seen it happen
+            self._publish(room.topic, self._event(EventKind.AWAY, room.name, session.nick, why))
         return self._joined(req.rid, room)
 
     def _leave(self, session: Session, req: Leave) -> Reply:
@@ -991,9 +1001,15 @@ class BrokerCore:
 
     def _away(self, session: Session, req: Away) -> Reply:
         if req.text != session.away:
+            # What each room sees of the nick: another session of the key with the same nick
+            # may keep it "here" (or give it another reason), so announce only what changes.
+            rooms = list(session.rooms.values())
+            before = [self._nick_away(room, session.nick) for room in rooms]
             session.away = req.text
-            for room in session.rooms.values():
-                self._publish(room.topic, self._event(EventKind.AWAY, room.name, session.nick, req.text))
+            for room, was in zip(rooms, before, strict=True):
+                now = self._nick_away(room, session.nick)
+                if now != was:
+                    self._publish(room.topic, self._event(EventKind.AWAY, room.name, session.nick, now))
             log.info("session %s (%s) is %s", session.nick, session.peer.hex(), "away" if req.text else "back",
                      extra=_fields("away" if req.text else "back", session))
         return AwayChanged(req.rid, req.text)
@@ -1011,6 +1027,12 @@ class BrokerCore:
         # nick_key first (how people read a list), then the nick itself: one key's sessions
         # may be "ann" and "ANN", and their order must not depend on the set's.
         return tuple(sorted((s.nick for s in room.members), key=_nick_order))
+
+    def _nick_away(self, room: Room, nick: str) -> str:
+        """Why ``nick`` is away in ``room`` ("": it is not), as :meth:`_away_nicks` has it,
+        from the nick's few sessions rather than the room's members."""
+        whys = [s.away for s in self.nicks.get(nick_key(nick), ()) if s.nick == nick and s.rooms.get(room.name) is room]
+        return min(whys) if whys and all(whys) else ""
 
     @staticmethod
     def _away_nicks(room: Room) -> dict[str, str]:

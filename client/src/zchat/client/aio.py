@@ -129,7 +129,9 @@ _READS: frozenset[type[Request]] = frozenset({History, Who, Rooms, Ping})
 
 #: Which flood-control bucket a request draws on (the broker's buckets); other requests
 #: are held back by their own kind.
-_BUCKETS: dict[type[Request], str] = {Say: "messages", Dm: "messages", Join: "subscriptions", History: "history"}
+_BUCKETS: dict[type[Request], str] = {
+    Say: "messages", Dm: "messages", Away: "messages", Nick: "messages", Join: "subscriptions", History: "history",
+}  # fmt: skip
 
 #: Refusals of a rejoin that mean we may no longer be in the room: it is dropped.
 _GONE = frozenset({ErrorCode.NOT_INVITED, ErrorCode.BANNED, ErrorCode.ROOM_EXISTS})
@@ -959,7 +961,7 @@ class AsyncClient:
             try:
                 welcome = await self._open_session(self._wanted_nick)
                 if self._away and not welcome.resumed:  # before the rejoins, which then say so
-                    await self._call_patiently(AwayChanged, Away, self._away, wait=False)
+                    await self._away_again()
                 for room in list(self.core.rooms):
                     await self._rejoin(room)
                 self._set_state(ClientState.CONNECTED)
@@ -984,6 +986,15 @@ class AsyncClient:
             except (RequestTimeout, ConnectionClosed) as exc:
                 log.info("reconnection failed (%s); next try in %.1f s", exc, delay)
             await asyncio.sleep(delay)
+
+    async def _away_again(self) -> None:
+        """Mark a new session away as the last one was; a broker that refuses the text now
+        (its limits changed, or it has no ``away``) leaves us here, and we stop asking."""
+        try:
+            await self._call_patiently(AwayChanged, Away, self._away, wait=False)
+        except (RequestError, ProtocolError) as exc:
+            log.warning("could not mark the new session away again: %s", exc)
+            self._away = ""
 
     async def _rejoin(self, room: str) -> None:
         """Join ``room`` again after a reconnection, as private as it was; drop it if we may not.

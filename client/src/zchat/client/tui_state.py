@@ -170,6 +170,7 @@ class Conversations:
         target = nick_key(event.nick) if event.nick is not None else None
         if kind is EventKind.JOIN:
             members[nick_key(event.sender)] = event.sender
+            conv.away.pop(nick_key(event.sender), None)  # an away event follows if it is away
         elif kind is EventKind.LEAVE:
             members.pop(nick_key(event.sender), None)
             conv.ops.discard(nick_key(event.sender))
@@ -185,8 +186,10 @@ class Conversations:
             if me is not None and target == nick_key(me):  # we are out: the lists are no longer ours
                 members.clear()
                 conv.ops.clear()
+                conv.away.clear()
             members.pop(target, None)
             conv.ops.discard(target)
+            conv.away.pop(target, None)
         elif kind is EventKind.OP and target is not None:
             conv.ops.add(target)
         elif kind is EventKind.DEOP and target is not None:

@@ -145,3 +145,11 @@ def check_text(text: str, max_length: int) -> None:
     bad = _CONTROL.search(text)
     if bad is not None:
         raise ProtocolError(ErrorCode.INVALID_TEXT, f"text contains control character U+{ord(bad.group()):04X}")
+
+
+def check_line(text: str, max_length: int) -> None:
+    """:func:`check_text`, and one line that is not blank: for text shown inline in lists
+    (an away reason), where a line break could forge more lines."""
+    check_text(text, max_length)
+    if not text.strip() or "\n" in text or "\t" in text:
+        raise ProtocolError(ErrorCode.INVALID_TEXT, "text must be one line, not blank, without tabs")

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 from .codes import MODERATION_KINDS, ErrorCode, EventKind, ReplyKind, RequestKind
 from .errors import ProtocolError
 from .limits import DEFAULT_LIMITS, Limits
-from .names import check_text, normalize_nick, normalize_room, text_allowed
+from .names import check_line, check_text, normalize_nick, normalize_room, text_allowed
 
 PROTOCOL_VERSION = 1
 #: Every integer field is 0 to 2**63-1 (msgpack can carry up to 2**64-1; SQLite cannot).
@@ -461,7 +461,7 @@ class Away:
     def from_map(cls, m: Map, rid: int, limits: Limits = DEFAULT_LIMITS) -> Away:
         text = get_str(m, "text", rid, default="")
         if text:
-            check_text(text, limits.max_subject)
+            check_line(text, limits.max_subject)
         return cls(rid, text)
 
     def to_map(self) -> Map:
