@@ -26,8 +26,17 @@ from textual.pilot import Pilot
 
 from zchat.client import Client, EventKind
 from zchat.client.tui import ChatApp, Settings
-from zchat.client.tui_state import STATUS, Completer, Conversations, InputHistory, dm_key, nick_colour
-from zchat.client.tui_widgets import ChatInput, MemberList, NickScreen, Sidebar
+from zchat.client.tui_state import (
+    STATUS,
+    Completer,
+    Conversations,
+    InputHistory,
+    dm_key,
+    highlights,
+    mentions,
+    nick_colour,
+)
+from zchat.client.tui_widgets import ChatInput, MemberList, NickScreen, Sidebar, render_line
 from zchat.common.protocol import Event
 
 if TYPE_CHECKING:
@@ -451,6 +460,49 @@ def test_up_and_down_recall_typed_lines_and_tab_completes(broker: RunningBroker,
         assert field.value == "/join "
         await pilot.press("ctrl+u", *"z", "tab")  # zed is not in this room
         assert field.value == "z"
+
+    run_app(settings_for(broker), scenario)
+
+
+def test_mentions_and_highlights_units() -> None:
+    assert mentions("hey Alice, alice2 and @alice.", "alice") == [(4, 9), (23, 28)]  # words only
+    assert mentions("a.b?", "a.b") == [(0, 3)]  # the nick is text, not a pattern
+    assert mentions("anything", None) == []
+
+    def said(kind: EventKind, text: str, sender: str = "bob") -> Event:
+        return Event(kind, None if kind is EventKind.DM else "g", sender, text, 0.0, 1)
+
+    assert highlights(said(EventKind.MESSAGE, "alice: ping"), "alice")
+    assert highlights(said(EventKind.ACTION, "pokes ALICE"), "alice")
+    assert highlights(said(EventKind.DM, "no nick in here"), "alice")  # a DM is always for you
+    assert not highlights(said(EventKind.MESSAGE, "malice"), "alice")
+    assert not highlights(said(EventKind.MESSAGE, "alice said", sender="Alice"), "alice")  # your own
+    assert not highlights(said(EventKind.JOIN, "alice"), "alice")
+    line = render_line(said(EventKind.MESSAGE, "hi alice!"), "alice")
+    assert [(span.start, span.end, str(span.style)) for span in line.spans if "reverse" in str(span.style)] == [
+        (len("00:00:00 <bob> hi "), len("00:00:00 <bob> hi alice"), "bold reverse")
+    ]
+
+
+def test_a_highlight_in_another_pane_turns_its_count_red_and_rings(
+    broker: RunningBroker, client_factory: MakeClient
+) -> None:
+    bob = client_factory("bob", "random")
+    rings: list[float] = []
+
+    async def scenario(app: ChatApp, pilot: Pilot[None]) -> None:
+        app.bell = lambda: rings.append(time.monotonic())  # type: ignore[method-assign]
+        await ready(app, pilot)
+        await type_line(pilot, "/join random")
+        await pilot.press("alt+2")  # back to #general
+        await asyncio.to_thread(bob.say, "random", "nothing for you")
+        await until(pilot, lambda: app.convs.by_key["#random"].unread == 1)
+        assert (app.convs.by_key["#random"].highlights, rings) == (0, [])
+        await asyncio.to_thread(bob.say, "random", "Alice, look at this")
+        await until(pilot, lambda: app.convs.by_key["#random"].highlights == 1)
+        assert len(rings) == 1 and app.convs.by_key["#random"].unread == 2
+        await pilot.press("alt+3")
+        assert (app.convs.by_key["#random"].unread, app.convs.by_key["#random"].highlights) == (0, 0)
 
     run_app(settings_for(broker), scenario)
 

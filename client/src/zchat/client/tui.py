@@ -11,7 +11,8 @@
     > type a message or /help
      ^n next  ^p previous  ^q quit
 
-The sidebar lists the status pane, joined rooms and DM conversations with unread counts;
+The sidebar lists the status pane, joined rooms and DM conversations with unread counts
+(red when some are for you: a DM, or your nick in a message, which also rings the bell);
 the middle shows the current pane's scrollback; the right, its members. Events come from one
 task reading :meth:`AsyncClient.events`; input lines run one at a time, in order, through
 :class:`~zchat.client.tui_commands.Commands`.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any, ClassVar, cast
 
@@ -40,7 +42,7 @@ from zchat.common.protocol import Event
 from .aio import AsyncClient, ClientState
 from .cli import parse_line
 from .tui_commands import DEFAULT_HISTORY, Commands
-from .tui_state import STATUS, UNREAD_KINDS, Conversation, Conversations, Note
+from .tui_state import STATUS, UNREAD_KINDS, Conversation, Conversations, Note, highlights
 from .tui_widgets import ChatInput, ChatLog, MemberList, NickScreen, Sidebar, render_nick
 
 _STATE_TEXT = {
@@ -69,6 +71,10 @@ class Settings:
     def from_values(cls, values: dict[str, Any]) -> Settings:
         keys = ("router", "pub", "nick", "room", "timeout", "history")
         return cls(**{key: values[key] for key in keys}, server_key=values.get("server_key"), key=values.get("key"))
+
+
+#: Seconds: a highlight (a DM, your nick) rings the terminal bell if it is this recent.
+RING_WITHIN = 30.0
 
 
 class ChatApp(App[None]):
@@ -181,7 +187,7 @@ class ChatApp(App[None]):
     def show(self, key: str) -> None:
         """Make ``key``'s pane the current one; its unread count is cleared."""
         conv = self.convs.by_key[key]
-        self.current_key, conv.unread = key, 0
+        self.current_key, conv.unread, conv.highlights = key, 0, 0
         self.pane(conv)
         for log in self._logs.values():
             log.display = log.conv is conv
@@ -274,6 +280,10 @@ class ChatApp(App[None]):
         self.pane(conv).add(event)
         if event.kind in UNREAD_KINDS and conv.key != self.current_key:
             conv.unread += 1
+            if highlights(event, self.client.current_nick):
+                conv.highlights += 1
+                if time.time() - event.ts < RING_WITHIN:  # not for old history (join, connect)
+                    self.bell()
         self.refresh_panels()
 
     async def _run_lines(self) -> None:

@@ -4,13 +4,17 @@ The app (:mod:`zchat.client.tui`) feeds events and replies in here and draws wha
 everything here can be tested without a terminal or a broker.
 
 - A :class:`Conversation` is one pane: the status pane, a room, or a DM with one nick. It holds
-  its scrollback (events and notes, oldest first), its unread count and, for a room, its members.
+  its scrollback (events and notes, oldest first), its unread and highlight counts and, for a
+  room, its members.
+- :func:`mentions` finds your nick in a message; :func:`highlights` says whether an event
+  is for you (a DM, or a message naming you), as IRC clients mark them.
 - :class:`Conversations` routes each event to its pane and keeps member lists current.
 - :class:`InputHistory` recalls typed lines; :class:`Completer` completes nicks and /commands.
 """
 
 from __future__ import annotations
 
+import re
 import time
 import zlib
 from collections.abc import Iterable
@@ -55,6 +59,22 @@ def room_key(room: str) -> str:
     return "#" + room
 
 
+def mentions(text: str, nick: str | None) -> list[tuple[int, int]]:
+    """Where ``nick`` appears in ``text`` as a word of its own, ignoring case: the spans."""
+    if not nick:
+        return []
+    return [m.span() for m in re.finditer(rf"(?<!\w){re.escape(nick)}(?!\w)", text, re.IGNORECASE)]
+
+
+def highlights(event: Event, me: str | None) -> bool:
+    """Whether ``event`` is for you: a DM from someone else, or a message or action naming you."""
+    if me is None or nick_key(event.sender) == nick_key(me):
+        return False
+    if event.kind is EventKind.DM:
+        return True
+    return event.kind in (EventKind.MESSAGE, EventKind.ACTION) and bool(mentions(event.text, me))
+
+
 def dm_key(nick: str) -> str:
     return "@" + nick_key(nick)
 
@@ -86,6 +106,7 @@ class Conversation:
     peer: str | None = None
     lines: list[Line] = field(default_factory=list)
     unread: int = 0
+    highlights: int = 0  # of the unread: DMs to you and messages naming you
     members: dict[str, str] = field(default_factory=dict)  # nick key -> nick as shown
     ops: set[str] = field(default_factory=set)  # nick keys of the room's operators
     away: dict[str, str] = field(default_factory=dict)  # nick key -> why, for members who are away

@@ -24,7 +24,7 @@ from zchat.common.codes import EventKind
 from zchat.common.protocol import Event
 
 from .render import MODERATION_EVENTS, describe_moderation
-from .tui_state import Completer, Conversation, InputHistory, Line, Note, nick_colour
+from .tui_state import Completer, Conversation, InputHistory, Line, Note, mentions, nick_colour
 
 
 def _clock(ts: float) -> Text:
@@ -49,10 +49,12 @@ def render_line(line: Line, me: str | None = None) -> Text:
 
 def _render_event(event: Event, me: str | None = None) -> Text:
     kind, who = event.kind, render_nick(event.sender)
-    if kind in (EventKind.MESSAGE, EventKind.DM):
-        return Text.assemble("<", who, "> ", event.text)
-    if kind is EventKind.ACTION:
-        return Text.assemble("* ", who, " ", event.text)
+    if kind in (EventKind.MESSAGE, EventKind.DM, EventKind.ACTION):
+        text = Text(event.text)
+        if kind is not EventKind.DM and me is not None and event.sender != me:
+            for start, end in mentions(event.text, me):  # your nick, as IRC clients show it
+                text.stylize("bold reverse", start, end)
+        return Text.assemble("* ", who, " ", text) if kind is EventKind.ACTION else Text.assemble("<", who, "> ", text)
     if kind is EventKind.JOIN:
         return Text.assemble(Text("--> ", style="green"), who, Text(f" joined #{event.room}", style="dim"))
     if kind is EventKind.LEAVE:
@@ -187,8 +189,8 @@ class Sidebar(OptionList):
             label = Text.assemble(Text(f"{n} ", style="dim"), conv.title)
             if conv.private:
                 label.append(" (private)", style="dim")
-            if conv.unread:
-                label.append(f" ({conv.unread})", style="bold yellow")
+            if conv.unread:  # red when some of it is for you
+                label.append(f" ({conv.unread})", style="bold red" if conv.highlights else "bold yellow")
             self.add_option(Option(label, id=conv.key))
         self.highlighted = next((i for i, conv in enumerate(convs) if conv.key == current), None)
 
