@@ -44,7 +44,7 @@ from zchat.broker.store import MemoryStore, SqliteStore
 from zchat.client import Client, ClientState, EventKind, RequestError
 from zchat.common.codec import encode
 from zchat.common.codes import ErrorCode
-from zchat.common.protocol import Event, Say, Sent
+from zchat.common.protocol import Away, ErrorReply, Event, Say, Sent
 from zchat.common.topics import room_topic
 
 if TYPE_CHECKING:
@@ -352,6 +352,35 @@ def test_away_outlives_a_broker_restart(broker_process: Callable[..., BrokerProc
     while bob.members("lobby").away != {"alice": "gone fishing"}:  # alice back in, and away
         assert time.monotonic() < deadline, f"alice is not back away: {bob.members('lobby')}"
         time.sleep(0.02)
+
+
+def test_a_reconnection_goes_on_when_the_new_session_may_not_be_away(
+    broker_factory: Callable[..., RunningBroker], clients: MakeClient
+) -> None:
+    """The broker forgets alice's session and from now on refuses ``away`` (as an older
+    broker, or one with tighter limits, would): her client starts a new session, rejoins,
+    and stops believing it is away, instead of failing the reconnection over it."""
+    rb = broker_factory(BrokerConfig(session_timeout=1.5))
+    alice = clients(rb.router, rb.pub, timeout=1.0)
+    alice.connect("alice")
+    alice.join("lobby")
+    alice.away("gone")
+    core = rb.broker.core
+
+    def refuse_away_and_forget_alice() -> None:
+        core._handlers[Away] = lambda session, req: ErrorReply(req.rid, ErrorCode.UNKNOWN_KIND, "no away here")
+        for session in list(core.sessions.values()):
+            core._end_session(session, "timed out")
+
+    rb.broker.submit(refuse_away_and_forget_alice).result(WAIT)
+    bob = clients(rb.router, rb.pub)
+    bob.connect("bob")
+    bob.join("lobby")
+    deadline = time.monotonic() + WAIT
+    while "alice" not in bob.who("lobby"):  # her client noticed (a ping: no_session) and is back
+        assert time.monotonic() < deadline, "alice did not rejoin"
+        time.sleep(0.02)
+    assert (alice.away_text, bob.members("lobby").away) == ("", {})
 
 
 # -- 2. a client killed between sending and its acknowledgement ----------------------------------

@@ -262,11 +262,13 @@ def test_away_members_are_marked_and_away_is_a_command(broker: RunningBroker, cl
         await type_line(pilot, "/away brb")
         await until(pilot, lambda: member_labels(app) == ["alice (away: brb)", "bob (away: lunch)"])
         await until(pilot, lambda: "you are away: brb" in pane_text(app))  # the reply: another socket
+        assert "away: brb" in status_text(app)
         await type_line(pilot, "/msg bob are you back?")
         assert app.current_key == dm_key("bob")
         await until(pilot, lambda: "bob is away: lunch" in pane_text(app))  # said in the DM pane
         await asyncio.to_thread(bob.away)
         await type_line(pilot, "/back")
+        await until(pilot, lambda: "away" not in status_text(app))
         await pilot.press("alt+2")  # #general
         await until(pilot, lambda: member_labels(app) == ["alice", "bob"])
         assert "bob is back" in pane_text(app)

@@ -346,6 +346,11 @@ class AsyncClient:
         return self.core.nick
 
     @property
+    def away_text(self) -> str:
+        """Why this client is away, as :meth:`away` last set it ("": it is not)."""
+        return self._away
+
+    @property
     def joined(self) -> list[str]:
         """The rooms this session is in."""
         return list(self.core.rooms)

@@ -85,6 +85,10 @@ class Client:
         return self._client.current_nick
 
     @property
+    def away_text(self) -> str:
+        return self._client.away_text
+
+    @property
     def joined(self) -> list[str]:
         return self._client.joined
 

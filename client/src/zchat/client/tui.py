@@ -161,6 +161,8 @@ class ChatApp(App[None]):
         nick = self.client.current_nick or self.settings.nick or "?"
         conv = self.current
         status = Text.assemble(render_nick(nick), " │ ", conv.title, " │ ", (text, colour), " │ /help")
+        if self.client.away_text:
+            status.append(" │ away: " + self.client.away_text, style="dim")
         if conv.subject:
             status.append(" │ topic: " + conv.subject)
         self.query_one("#status", Static).update(status)

@@ -241,6 +241,7 @@ class Commands:
     async def _away(self, arg: str) -> None:
         text = await self.client.away(arg)
         self._note(f"you are away: {text}" if text else "you are back")
+        self.view.refresh_panels()  # the status line says it
 
     async def _back(self, arg: str) -> None:
         await self._away("")
