@@ -403,21 +403,20 @@ class BrokerCore:
         verdict, _ = self.flood.charge(key, Kind.SUBSCRIPTIONS, self.mono, strike=False)
         return verdict is not Verdict.OK
 
-    def _fan_out(self, session: Session, kind: type[Request]) -> float:
-        """Messages a request costs: one, or for away and nick (published to each of the
-        session's rooms) one a room, up to the bucket's burst (so that it can pass)."""
-        if kind is Say or kind is Dm or not session.rooms:
-            return 1.0
+    def _fan_out(self, session: Session) -> float:
+        """Messages an away or nick costs (it is published to each of the session's rooms):
+        one a room, at least one, up to the bucket's burst (so that it can pass)."""
         assert self.flood is not None
-        rate = self.flood.limits.messages
-        return float(min(len(session.rooms), rate.burst) if rate is not None else len(session.rooms))
+        rooms, rate = max(1, len(session.rooms)), self.flood.limits.messages
+        return float(min(rooms, rate.burst) if rate is not None else rooms)
 
     def _charge(self, session: Session, request: Request, size: int) -> Reply | None:
         """An error reply if ``request`` is over its principal's flood limits, else None."""
         assert self.flood is not None
         kind = type(request)
         if kind is Say or kind is Dm or kind is Away or kind is Nick:
-            verdict, wait = self.flood.charge(session.principal, Kind.MESSAGES, self.mono, self._fan_out(session, kind))
+            cost = 1.0 if kind is Say or kind is Dm else self._fan_out(session)  # say: the hot path
+            verdict, wait = self.flood.charge(session.principal, Kind.MESSAGES, self.mono, cost)
             if verdict is Verdict.OK:
                 verdict, wait = self.flood.charge(session.principal, Kind.BYTES, self.mono, size)
         elif kind is Join:

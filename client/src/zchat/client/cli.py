@@ -34,7 +34,16 @@ from zchat.common.protocol import Event, Joined, Moderated, Welcome
 
 from . import __version__
 from .aio import AsyncClient, ClientState, curve_keys
-from .render import describe_away, dumps, event_to_json, format_event, format_members, format_rooms, member_names
+from .render import (
+    describe_own_away,
+    describe_sent_dm,
+    dumps,
+    event_to_json,
+    format_event,
+    format_members,
+    format_rooms,
+    member_names,
+)
 
 OPTIONS = (
     c.Option("router", "--router", c.ENV_ROUTER, c.DEFAULT_ROUTER, c.parse_endpoint,
@@ -310,11 +319,9 @@ class Chat:
         if not nick or not text.strip():
             return self._usage("/msg NICK TEXT")
         sent = await self.client.dm(nick, text)
-        if sent.offline:
-            self.out.info(f"-- {nick} is offline: the message waits in their inbox", {"kind": "offline", "nick": nick})
-        elif sent.away:
-            obj = {"kind": "peer_away", "nick": nick, "text": sent.away}
-            self.out.info(f"-- {describe_away(nick, sent.away)}", obj)
+        if (notice := describe_sent_dm(nick, sent)) is not None:
+            kind, extra = ("offline", {}) if sent.offline else ("peer_away", {"text": sent.away})
+            self.out.info(f"-- {notice}", {"kind": kind, "nick": nick, **extra})
 
     async def _who(self, arg: str) -> None:
         room = arg or self._current_room()
@@ -338,8 +345,7 @@ class Chat:
 
     async def _away(self, arg: str) -> None:
         text = await self.client.away(arg)
-        shown = f"you are away: {text}" if text else "you are back"
-        self.out.info(f"-- {shown}", {"kind": "away_set", "text": text})
+        self.out.info(f"-- {describe_own_away(text)}", {"kind": "away_set", "text": text})
 
     async def _back(self, arg: str) -> None:
         await self._away("")

@@ -9,7 +9,7 @@ from typing import Any
 
 from zchat.common.codes import EventKind
 from zchat.common.names import nick_key
-from zchat.common.protocol import Event, RoomInfo
+from zchat.common.protocol import Event, RoomInfo, Sent
 
 
 def event_to_json(event: Event) -> dict[str, Any]:
@@ -98,6 +98,19 @@ def describe_away(nick: str, why: str) -> str:
     return f"{nick} is away: {why}" if why else f"{nick} is back"
 
 
+def describe_own_away(why: str) -> str:
+    """What ``/away`` says: ``you are away: lunch``, or ``you are back``."""
+    return f"you are away: {why}" if why else "you are back"
+
+
+def describe_sent_dm(nick: str, sent: Sent) -> str | None:
+    """What a DM's ``sent`` tells its sender about ``nick``, if anything: that it waits in
+    their inbox, or that they are away."""
+    if sent.offline:
+        return f"{nick} is offline: the message waits in their inbox"
+    return describe_away(nick, sent.away) if sent.away else None
+
+
 def format_members(
     room: str, members: Iterable[str], ops: Iterable[str] = (), away: dict[str, str] | None = None
 ) -> str:
@@ -111,8 +124,11 @@ def member_names(members: Iterable[str], ops: Iterable[str] = (), away: dict[str
     away member's nick why it is away."""
     op_keys = {nick_key(nick) for nick in ops}
     gone = {nick_key(nick): why for nick, why in (away or {}).items()}
-    return [("@" if nick_key(nick) in op_keys else "") + nick
-            + (f" (away: {gone[nick_key(nick)]})" if nick_key(nick) in gone else "") for nick in members]
+    names = []
+    for nick in members:
+        key = nick_key(nick)
+        names.append(("@" if key in op_keys else "") + nick + (f" (away: {gone[key]})" if key in gone else ""))
+    return names
 
 
 def format_rooms(rooms: list[RoomInfo]) -> str:

@@ -16,7 +16,7 @@ from zchat.common.protocol import Event
 
 from .aio import AsyncClient
 from .cli import CLEAR_TOPIC, MODERATION_USAGE, describe_joined, moderate, parse_join, parse_line, parse_moderation
-from .render import describe_away, format_members, format_rooms
+from .render import describe_own_away, describe_sent_dm, format_members, format_rooms
 from .tui_state import Conversation, Conversations, Note, dm_key, room_key
 
 HELP = """commands:
@@ -148,11 +148,9 @@ class Commands:
         self.view.show(dm_key(nick))
 
     async def _dm(self, nick: str, text: str, *, action: bool = False) -> None:
-        sent = await self.client.dm(nick, text, action=action)
-        if sent.offline:
-            self.view.note(f"{nick} is offline: the message waits in their inbox", conv=self.view.convs.dm(nick))
-        elif sent.away:
-            self.view.note(describe_away(nick, sent.away), conv=self.view.convs.dm(nick))
+        notice = describe_sent_dm(nick, await self.client.dm(nick, text, action=action))
+        if notice is not None:
+            self.view.note(notice, conv=self.view.convs.dm(nick))
 
     # -- rooms -------------------------------------------------------------------------------
 
@@ -240,7 +238,7 @@ class Commands:
 
     async def _away(self, arg: str) -> None:
         text = await self.client.away(arg)
-        self._note(f"you are away: {text}" if text else "you are back")
+        self._note(describe_own_away(text))
         self.view.refresh_panels()  # the status line says it
 
     async def _back(self, arg: str) -> None:

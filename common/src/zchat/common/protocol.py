@@ -613,8 +613,8 @@ class Sent:
     ``id`` and ``ts`` are the message's; ``seq`` its place in the room (for a DM: in the
     sender's inbox); ``dup`` is true when a resend matched a stored message by ``cmid``
     (the original's id, ts and seq are returned and nothing new is stored); ``offline`` is
-    true when a DM's recipient had no session to deliver it to: it waits in their inbox;
-    ``away`` is why a DM's recipient is away (``""``: not away).
+    true when no live session has the nick a DM named: it waits in the inbox of the key the
+    nick is registered to; ``away`` is why a DM's recipient is away (``""``: not away).
     """
 
     KIND: ClassVar[ReplyKind] = ReplyKind.SENT
