@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import zmq
+from hypothesis import HealthCheck, settings
 from zmq.utils.monitor import recv_monitor_message
 
 from zchat.client import Client
@@ -22,6 +23,19 @@ from zchat.common.topics import sync_subscription
 
 Socket = zmq.Socket[bytes]
 WAIT = 5.0
+
+
+def machine_settings(max_examples: int) -> settings:
+    """Settings for the core's random-traffic state machines: 40 steps a run, reproducible
+    (derandomized, no example database), no deadline."""
+    return settings(
+        max_examples=max_examples,
+        stateful_step_count=40,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+    )
 
 
 def wait_until(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.01) -> None:

@@ -14,9 +14,9 @@ from collections.abc import Callable, Collection
 from typing import Any, TypeVar
 
 import pytest
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
+from tests.support import machine_settings
 
 from zchat.broker.core import BrokerCore, Subscription
 from zchat.common.codec import decode_event, decode_reply, encode, encode_map
@@ -940,14 +940,4 @@ class BrokerMachine(RuleBasedStateMachine):
 
 
 def test_random_traffic_keeps_the_invariants() -> None:
-    run_state_machine_as_test(
-        BrokerMachine,
-        settings=settings(
-            max_examples=200,
-            stateful_step_count=40,
-            deadline=None,
-            derandomize=True,
-            database=None,
-            suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-        ),
-    )
+    run_state_machine_as_test(BrokerMachine, settings=machine_settings(200))

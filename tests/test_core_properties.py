@@ -40,9 +40,9 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule, run_state_machine_as_test
+from tests.support import machine_settings
 
 from zchat.broker.core import BrokerCore, Subscription, client_hash
 from zchat.broker.store import MemoryStore
@@ -580,14 +580,7 @@ class SecureCoreMachine(CoreMachine):
     secure = True
 
 
-SETTINGS = settings(
-    max_examples=150,
-    stateful_step_count=40,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-)
+SETTINGS = machine_settings(150)
 
 
 def test_random_traffic_keeps_senders_privacy_and_seqs() -> None:
